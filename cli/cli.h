@@ -1,0 +1,48 @@
+/* The vmig command line: subcommands and what they share. */
+#ifndef VMIG_CLI_H
+#define VMIG_CLI_H
+
+#include <stdbool.h>
+#include <stdio.h>
+
+struct vmig_vm;
+struct json_object;
+
+/* Exit codes of every command. */
+#define VMIG_EXIT_OK     0
+#define VMIG_EXIT_ERROR  1
+#define VMIG_EXIT_USAGE  2
+
+int cmd_run(int argc, char **argv);
+int cmd_list(int argc, char **argv);
+int cmd_status(int argc, char **argv);
+int cmd_pause(int argc, char **argv);
+int cmd_resume(int argc, char **argv);
+int cmd_stop(int argc, char **argv);
+
+/* Print "vmig: <message>" to stderr. */
+void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Print a usage error and a hint at --help; returns VMIG_EXIT_USAGE. */
+int cli_usage_error(const char *cmd, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+/* RUN_DIR/NAME.SUFFIX for a VM, with errors printed; 0 or -errno. */
+int cli_vm_path(const char *name, const char *suffix, char *buf, size_t len);
+
+/*
+ * Send {"cmd": cmd} to VM @name and return its reply (caller puts it).
+ * Prints an error and returns -errno when the VM is not there or refuses.
+ */
+int cli_vm_call(const char *name, const char *cmd, struct json_object **reply);
+
+/*
+ * The VMM side: serve the control socket @listen_fd for @vm until the VM
+ * stops (guest power-off, "stop", or a signal on @signal_fd).  Runs on the
+ * VMM's main thread.  Returns the process exit code.
+ */
+int cli_control_serve(struct vmig_vm *vm, int listen_fd, int signal_fd);
+
+/* The status object the control socket returns for @vm. */
+struct json_object *cli_vm_status_json(struct vmig_vm *vm);
+
+#endif

@@ -1,0 +1,414 @@
+/*
+ * The vmig command against real KVM, as an admin uses it: separate VMM
+ * processes started with `vmig run`, driven over their control sockets
+ * by `vmig list|status|pause|resume|stop`, stopped by signals and by the
+ * guest, and the errors for a name already running, bad flags, no
+ * permission on /dev/kvm and no /dev/kvm at all.
+ *
+ * Each test has its own VMIG_RUN_DIR.  $VMIG names the binary under test.
+ */
+#include "config.h"
+
+#include <grp.h>
+#include <inttypes.h>
+#include <pwd.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include <json-c/json.h>
+
+#include "kvm-test.h"
+
+static const char *vmig_bin;
+static char run_dir[256];
+
+struct result {
+	int status;            /* exit code, or 128 + signal */
+	char out[65536];
+	char err[65536];
+};
+
+static void read_all(int fd, char *buf, size_t cap)
+{
+	size_t len = 0;
+	ssize_t n;
+
+	while (len < cap - 1 && (n = read(fd, buf + len, cap - 1 - len)) != 0) {
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		len += n;
+	}
+	buf[len] = 0;
+}
+
+/* Run vmig with @args (NULL-terminated); @pre runs in the child first. */
+static void run_vmig_pre(struct result *r, void (*pre)(void), const char *const *args)
+{
+	const char *argv[32];
+	int out[2], err[2], st;
+	unsigned int i = 0;
+	pid_t pid;
+
+	argv[i++] = vmig_bin;
+	while (*args && i < 31)
+		argv[i++] = *args++;
+	argv[i] = NULL;
+	ck_assert_int_eq(pipe(out), 0);
+	ck_assert_int_eq(pipe(err), 0);
+	pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		dup2(out[1], 1);
+		dup2(err[1], 2);
+		close(out[0]);
+		close(err[0]);
+		close(out[1]);
+		close(err[1]);
+		if (pre)
+			pre();
+		execv(vmig_bin, (char *const *)argv);
+		_exit(127);
+	}
+	close(out[1]);
+	close(err[1]);
+	/* A detached VMM keeps no copy of these pipes: it reopens 1 and 2. */
+	read_all(err[0], r->err, sizeof(r->err));
+	read_all(out[0], r->out, sizeof(r->out));
+	close(out[0]);
+	close(err[0]);
+	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+	r->status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+#define RUN(r, ...) run_vmig_pre((r), NULL, (const char *const[]){ __VA_ARGS__, NULL })
+
+static bool exists(const char *name, const char *suffix)
+{
+	char path[512];
+
+	snprintf(path, sizeof(path), "%s/%s.%s", run_dir, name, suffix);
+	return access(path, F_OK) == 0;
+}
+
+static void setup(void)
+{
+	vmig_bin = getenv("VMIG");
+	ck_assert_msg(vmig_bin && *vmig_bin, "set VMIG to the vmig binary");
+	snprintf(run_dir, sizeof(run_dir), "/tmp/vmig-test-XXXXXX");
+	ck_assert_ptr_nonnull(mkdtemp(run_dir));
+	setenv("VMIG_RUN_DIR", run_dir, 1);
+}
+
+static void teardown(void)
+{
+	char cmd[600];
+
+	/* Anything a failed test left running is stopped, then removed. */
+	snprintf(cmd, sizeof(cmd), "for p in %s/*.pid; do [ -s \"$p\" ] && "
+		 "kill -9 $(cat \"$p\") 2>/dev/null; done; rm -rf %s", run_dir, run_dir);
+	if (system(cmd) != 0)
+		fprintf(stderr, "cleanup of %s failed\n", run_dir);
+}
+
+static struct json_object *status_json(const char *name)
+{
+	struct result r;
+	struct json_object *o;
+
+	RUN(&r, "status", name, "--json");
+	ck_assert_msg(r.status == 0, "status %s: exit %d: %s", name, r.status, r.err);
+	o = json_tokener_parse(r.out);
+	ck_assert_msg(o != NULL, "status --json printed no JSON: %s", r.out);
+	return o;
+}
+
+static uint64_t jget(struct json_object *o, const char *key)
+{
+	struct json_object *v;
+
+	ck_assert_msg(json_object_object_get_ex(o, key, &v), "no '%s' in %s", key,
+		      json_object_to_json_string(o));
+	return json_object_get_uint64(v);
+}
+
+static const char *jstate(struct json_object *o)
+{
+	struct json_object *v;
+
+	ck_assert(json_object_object_get_ex(o, "state", &v));
+	return json_object_get_string(v);
+}
+
+static uint64_t pages_written_after_boot(const char *name)
+{
+	uint64_t end = kvm_test_now_ms() + 20000, pw = 0;
+
+	while (kvm_test_now_ms() < end) {
+		struct json_object *o = status_json(name);
+		struct json_object *v;
+
+		if (json_object_object_get_ex(o, "pages_written", &v))
+			pw = json_object_get_uint64(v);
+		json_object_put(o);
+		if (pw)
+			return pw;
+		kvm_test_sleep_ms(50);
+	}
+	ck_abort_msg("guest of %s wrote no page in 20 s", name);
+	return 0;
+}
+
+START_TEST(detached_vm_lifecycle)
+{
+	struct json_object *o;
+	uint64_t a, b, c;
+	struct result r;
+
+	RUN(&r, "run", "lc", "--memory", "64M", "--vcpus", "2", "--workload",
+	    "rate=max,wss=1M", "--detach");
+	ck_assert_msg(r.status == 0, "run --detach: exit %d: %s", r.status, r.err);
+	ck_assert_msg(strstr(r.out, "running"), "run printed: %s", r.out);
+	ck_assert(exists("lc", "sock"));
+	ck_assert(exists("lc", "pid"));
+
+	a = pages_written_after_boot("lc");
+	o = status_json("lc");
+	ck_assert_str_eq(jstate(o), "running");
+	ck_assert_uint_eq(jget(o, "vcpus"), 2);
+	ck_assert_uint_eq(jget(o, "memory"), 64 << 20);
+	ck_assert_uint_ge(jget(o, "pid"), 2);
+	json_object_put(o);
+
+	RUN(&r, "list");
+	ck_assert_int_eq(r.status, 0);
+	ck_assert_msg(strstr(r.out, "lc") && strstr(r.out, "running"), "list: %s", r.out);
+
+	RUN(&r, "status", "lc");
+	ck_assert_int_eq(r.status, 0);
+	ck_assert_msg(strstr(r.out, "generation:") && strstr(r.out, "pages_written:"),
+		      "status: %s", r.out);
+
+	RUN(&r, "pause", "lc");
+	ck_assert_msg(r.status == 0, "pause: %s", r.err);
+	o = status_json("lc");
+	ck_assert_str_eq(jstate(o), "paused");
+	b = jget(o, "pages_written");
+	json_object_put(o);
+	ck_assert_uint_gt(b, a);
+	kvm_test_sleep_ms(300);
+	o = status_json("lc");
+	ck_assert_uint_eq(jget(o, "pages_written"), b);
+	json_object_put(o);
+
+	RUN(&r, "resume", "lc");
+	ck_assert_msg(r.status == 0, "resume: %s", r.err);
+	kvm_test_sleep_ms(300);
+	o = status_json("lc");
+	ck_assert_str_eq(jstate(o), "running");
+	c = jget(o, "pages_written");
+	json_object_put(o);
+	ck_assert_msg(c > b, "no progress after resume: %" PRIu64 " -> %" PRIu64, b, c);
+
+	RUN(&r, "stop", "lc");
+	ck_assert_msg(r.status == 0, "stop: %s", r.err);
+	ck_assert_msg(!exists("lc", "sock") && !exists("lc", "pid"),
+		      "stop left the socket or pid file behind");
+	RUN(&r, "status", "lc");
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "no VM named 'lc'"), "status after stop: %s", r.err);
+}
+END_TEST
+
+START_TEST(name_already_running)
+{
+	struct result r;
+
+	RUN(&r, "run", "dup", "--memory", "32M", "--detach");
+	ck_assert_msg(r.status == 0, "run: %s", r.err);
+	RUN(&r, "run", "dup", "--memory", "32M", "--detach");
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "already running"), "stderr: %s", r.err);
+	RUN(&r, "run", "dup", "--memory", "32M");
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "already running"), "stderr: %s", r.err);
+	RUN(&r, "stop", "dup");
+	ck_assert_int_eq(r.status, 0);
+}
+END_TEST
+
+static pid_t read_pid(const char *name)
+{
+	char path[512];
+	FILE *f;
+	int pid = 0;
+
+	snprintf(path, sizeof(path), "%s/%s.pid", run_dir, name);
+	f = fopen(path, "r");
+	ck_assert_ptr_nonnull(f);
+	ck_assert_int_eq(fscanf(f, "%d", &pid), 1);
+	fclose(f);
+	return pid;
+}
+
+static void wait_gone(pid_t pid, const char *name)
+{
+	uint64_t end = kvm_test_now_ms() + 20000;
+
+	while (kill(pid, 0) == 0) {
+		ck_assert_msg(kvm_test_now_ms() < end, "VMM %d still alive", (int)pid);
+		kvm_test_sleep_ms(20);
+	}
+	ck_assert_msg(!exists(name, "sock") && !exists(name, "pid"),
+		      "VMM of %s left its socket or pid file", name);
+}
+
+START_TEST(sigterm_stops_cleanly)
+{
+	struct result r;
+	pid_t pid;
+	char log[512];
+	FILE *f;
+
+	RUN(&r, "run", "sig", "--memory", "32M", "--detach");
+	ck_assert_msg(r.status == 0, "run: %s", r.err);
+	pid = read_pid("sig");
+	pages_written_after_boot("sig");
+	ck_assert_int_eq(kill(pid, SIGTERM), 0);
+	wait_gone(pid, "sig");
+	snprintf(log, sizeof(log), "%s/sig.log", run_dir);
+	f = fopen(log, "r");
+	ck_assert_ptr_nonnull(f);
+	read_all(fileno(f), r.out, sizeof(r.out));
+	fclose(f);
+	ck_assert_msg(strstr(r.out, "vmig-guest"), "console log lacks the guest banner: %s",
+		      r.out);
+	ck_assert_msg(strstr(r.out, "stopping"), "log lacks the stop: %s", r.out);
+}
+END_TEST
+
+START_TEST(foreground_guest_power_off)
+{
+	struct result r;
+
+	RUN(&r, "run", "fg", "--memory", "32M", "--workload", "rate=max,wss=256K,gens=10");
+	ck_assert_msg(r.status == 0, "exit %d: %s", r.status, r.err);
+	ck_assert_msg(strstr(r.out, "vmig-guest"), "no guest banner on stdout: %s", r.out);
+	ck_assert_msg(strstr(r.err, "powered off"), "stderr: %s", r.err);
+	ck_assert(!exists("fg", "sock") && !exists("fg", "pid"));
+}
+END_TEST
+
+START_TEST(bad_flags)
+{
+	static const char *const cases[][6] = {
+		{ "run", "x", "--memory", "lots", NULL },
+		{ "run", "x", "--vcpus", "0", NULL },
+		{ "run", "x", "--vcpus", "3x", NULL },
+		{ "run", "x", "--frobnicate", NULL },
+		{ "run", NULL },
+		{ "status", NULL },
+		{ "status", "a", "b", NULL },
+		{ "launch", NULL },
+	};
+	struct result r;
+	size_t i;
+
+	for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		run_vmig_pre(&r, NULL, cases[i]);
+		ck_assert_msg(r.status == 2, "case %zu (%s): exit %d, want 2: %s", i,
+			      cases[i][0], r.status, r.err);
+		ck_assert_msg(strlen(r.err) > 10, "case %zu: no message", i);
+	}
+	RUN(&r, "run", "bad/name");
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "bad VM name"), "%s", r.err);
+	RUN(&r, "run", "big", "--memory", "64T");
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "cannot give the guest"), "%s", r.err);
+	ck_assert(!exists("big", "sock") && !exists("big", "pid"));
+	RUN(&r, "run", "wl", "--workload", "rate=-3");
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "rate"), "%s", r.err);
+	RUN(&r, "--help");
+	ck_assert_int_eq(r.status, 0);
+	ck_assert_msg(strstr(r.out, "run") && strstr(r.out, "status"), "%s", r.out);
+}
+END_TEST
+
+static void drop_to_nobody(void)
+{
+	struct passwd *pw = getpwnam("nobody");
+
+	if (!pw || setgroups(0, NULL) < 0 || setgid(pw->pw_gid) < 0 || setuid(pw->pw_uid) < 0)
+		_exit(126);
+}
+
+START_TEST(no_permission_on_kvm)
+{
+	struct result r;
+	struct stat st;
+
+	ck_assert_int_eq(stat("/dev/kvm", &st), 0);
+	if (geteuid() != 0 || (st.st_mode & 0006)) {
+		printf("note: no_permission_on_kvm needs root and a /dev/kvm closed to others\n");
+		return;
+	}
+	ck_assert_int_eq(chmod(run_dir, 0777), 0);
+	run_vmig_pre(&r, drop_to_nobody,
+		     (const char *const[]){ "run", "perm", "--memory", "32M", NULL });
+	ck_assert_msg(r.status == 1, "exit %d: %s", r.status, r.err);
+	ck_assert_msg(strstr(r.err, "permission denied") && strstr(r.err, "group kvm"),
+		      "stderr: %s", r.err);
+}
+END_TEST
+
+static void hide_dev_kvm(void)
+{
+	/* A private mount namespace where /dev has no kvm node. */
+	if (unshare(CLONE_NEWNS) < 0 ||
+	    mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0 ||
+	    mount("tmpfs", "/dev", "tmpfs", 0, "mode=0755") < 0)
+		_exit(126);
+}
+
+START_TEST(no_dev_kvm)
+{
+	struct result r;
+
+	if (geteuid() != 0) {
+		printf("note: no_dev_kvm needs root for a mount namespace\n");
+		return;
+	}
+	run_vmig_pre(&r, hide_dev_kvm,
+		     (const char *const[]){ "run", "nokvm", "--memory", "32M", NULL });
+	ck_assert_msg(r.status == 1, "exit %d: %s", r.status, r.err);
+	ck_assert_msg(strstr(r.err, "/dev/kvm") && strstr(r.err, "no such device"),
+		      "stderr: %s", r.err);
+	ck_assert(!exists("nokvm", "sock") && !exists("nokvm", "pid"));
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("cli");
+	TCase *tc = tcase_create("cli");
+
+	kvm_test_require_kvm();
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, detached_vm_lifecycle);
+	tcase_add_test(tc, name_already_running);
+	tcase_add_test(tc, sigterm_stops_cleanly);
+	tcase_add_test(tc, foreground_guest_power_off);
+	tcase_add_test(tc, bad_flags);
+	tcase_add_test(tc, no_permission_on_kvm);
+	tcase_add_test(tc, no_dev_kvm);
+	suite_add_tcase(s, tc);
+	return kvm_test_run(s);
+}

@@ -1,0 +1,263 @@
+/*
+ * vmig transports: reliable, ordered byte streams that carry a migration.
+ *
+ * A transport is a struct of function pointers plus a little common state,
+ * one backend per file (the shape of redis' rio): fd.c for file
+ * descriptors, unix and TCP sockets, file.c for save/restore files.  The
+ * migration stream (include/vmig/stream.h) is written on top of any of
+ * them and knows nothing about sockets.
+ *
+ * Addresses are URIs:
+ *   tcp://HOST:PORT   HOST a name, an IPv4 address or [an IPv6 address]
+ *   unix:PATH         a unix stream socket
+ *   file:PATH         a regular file (save/restore)
+ *   fd:N              an inherited, already connected file descriptor
+ *
+ * Threads: a transport belongs to one reading thread and one writing
+ * thread at a time (a socket may be read by one thread while another
+ * writes it); nothing here takes a lock.  All functions that can fail
+ * return 0 (or a byte count) or a negative errno value.
+ *
+ * Failures of reads and writes are also recorded, once (first error wins),
+ * in the transport's error context with a message that names the address
+ * ("tcp://10.0.0.2:4444: connection reset by peer"); see
+ * vmig_transport_err().  A clean end of stream is not an error there:
+ * callers decide whether EOF was expected.
+ */
+#ifndef VMIG_TRANSPORT_H
+#define VMIG_TRANSPORT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "vmig/util.h"
+
+/* ------------------------------------------------------------------------
+ * URIs
+ */
+
+enum vmig_uri_kind {
+	VMIG_URI_TCP = 1,
+	VMIG_URI_UNIX,
+	VMIG_URI_FILE,
+	VMIG_URI_FD,
+};
+
+/* Longest unix socket path (sizeof(sun_path) - 1). */
+#define VMIG_UNIX_PATH_MAX 107
+
+struct vmig_uri {
+	enum vmig_uri_kind kind;
+	char host[256];          /* tcp: name or address, without [] */
+	uint16_t port;           /* tcp: 0 asks listen for an ephemeral port */
+	char path[4096];         /* unix, file */
+	int fd;                  /* fd */
+};
+
+/*
+ * Parse @uri into @out.  The scheme is case-insensitive.  Errors (-EINVAL,
+ * with a message in @err) name what is wrong and what was expected:
+ * "unsupported URI scheme 'ftp' (expected tcp://HOST:PORT, unix:PATH or
+ * file:PATH)", a missing or bad port, an unbracketed IPv6 address, an empty
+ * path, a unix socket path longer than VMIG_UNIX_PATH_MAX (-ENAMETOOLONG).
+ * Port 0 parses (listen picks a port); connect refuses it.
+ */
+int vmig_transport_parse_uri(const char *uri, struct vmig_uri *out,
+			     struct vmig_err *err);
+
+/* Canonical form ("tcp://[::1]:4444", "unix:/run/x").  0 or -ENOSPC. */
+int vmig_uri_format(const struct vmig_uri *uri, char *buf, size_t len);
+
+/* ------------------------------------------------------------------------
+ * Transports
+ */
+
+struct vmig_transport;
+
+/*
+ * A backend.  Every callback runs in the caller's thread and returns
+ * -errno on failure, having recorded a message naming t->desc in t->err
+ * (backends in transport/ use vmig__transport_fail(); others may fill
+ * t->err directly if only one thread uses the transport).
+ */
+struct vmig_transport_ops {
+	const char *kind;        /* "tcp", "unix", "fd", "file" */
+	/* Read 1..@len bytes; 0 at end of stream; honours t->timeout_ms. */
+	ssize_t (*read)(struct vmig_transport *t, void *buf, size_t len);
+	/* Write 1..@len bytes; never raises SIGPIPE; honours t->timeout_ms. */
+	ssize_t (*write)(struct vmig_transport *t, const void *buf, size_t len);
+	/* Optional: write part of an iovec array (else write() is looped). */
+	ssize_t (*writev)(struct vmig_transport *t, const struct iovec *iov,
+			  int iovcnt);
+	/*
+	 * No more writes: the peer sees end of stream once it has read
+	 * everything (sockets: shutdown(SHUT_WR); files: fsync, which is
+	 * where a full disk may show up).  Optional.
+	 */
+	int (*shutdown_write)(struct vmig_transport *t);
+	/* Apply t->timeout_ms to the underlying object.  Optional. */
+	int (*set_timeout)(struct vmig_transport *t);
+	/* Free everything, close fds. */
+	void (*close)(struct vmig_transport *t);
+	/* An fd to poll for readability, or -1.  Optional. */
+	int (*fd)(struct vmig_transport *t);
+};
+
+/* Common state; backends embed it as their first member. */
+struct vmig_transport {
+	const struct vmig_transport_ops *ops;
+	char desc[4200];         /* canonical address, for messages */
+	int timeout_ms;          /* per read/write wait; -1 = none */
+	uint64_t bytes_read, bytes_written;
+	struct vmig_err err;     /* first failure, message names desc */
+	int err_claimed;         /* atomic: the reading and the writing thread
+				  * may fail at once; one of them fills err */
+};
+
+/*
+ * For backends: set the common fields (@desc is cut to fit, no timeout,
+ * no error).  A backend's ops->close frees the object that embeds @t.
+ */
+void vmig_transport_init(struct vmig_transport *t,
+			 const struct vmig_transport_ops *ops, const char *desc);
+
+/*
+ * Defaults for TCP.  Keepalive probes start after KEEPIDLE seconds of
+ * silence and are sent every KEEPINTVL seconds; after KEEPCNT unanswered
+ * ones the connection fails.  TCP_USER_TIMEOUT fails it as well when sent
+ * data stays unacknowledged that long.  Together, a dead peer or a cut
+ * link is noticed within about 10 seconds instead of the kernel's ~2 hours
+ * (idle) or ~15 minutes (retransmissions).
+ */
+#define VMIG_TCP_KEEPIDLE_S      5
+#define VMIG_TCP_KEEPINTVL_S     1
+#define VMIG_TCP_KEEPCNT         5
+#define VMIG_TCP_USER_TIMEOUT_MS 10000
+/*
+ * Socket buffer size asked for with SO_{SND,RCV}BUFFORCE (needs
+ * CAP_NET_ADMIN).  Without the capability TCP keeps the kernel's
+ * autotuning, which grows further than a capped SO_SNDBUF would; unix
+ * sockets fall back to SO_SNDBUF (capped by net.core.wmem_max).
+ */
+#define VMIG_SOCKET_BUFFER       (8u << 20)
+
+/*
+ * Connect to @uri: tcp (every address of HOST in turn, non-blocking
+ * connect bounded by @timeout_ms, -1 = the kernel's), unix, fd:N (takes
+ * ownership of N) or file:PATH (opens PATH for writing, as
+ * vmig_transport_open_file(PATH, true)).  TCP sockets get TCP_NODELAY,
+ * the keepalive settings above and large buffers.
+ *
+ * Returns 0 and a transport in *out, or -errno with a message naming the
+ * address in @err: "cannot connect to tcp://127.0.0.1:4444: connection
+ * refused (is vmig incoming listening there?)", "... no answer within
+ * 5000 ms", "cannot resolve 'foo' in tcp://foo:1: ...".
+ */
+int vmig_transport_connect(const char *uri, int timeout_ms,
+			   struct vmig_transport **out, struct vmig_err *err);
+
+/*
+ * Wrap connected file descriptors (a socket, a pipe pair such as
+ * stdin/stdout for `vmig incoming --stdio`, a tty).  @rfd and @wfd may be
+ * equal.  Takes ownership: vmig_transport_close() closes them (once when
+ * equal); on failure they are closed too.  Pass dup()s to keep the
+ * originals.  Pipe writes block SIGPIPE in the writing thread around the
+ * write, so a vanished reader costs -EPIPE, never the process.
+ * Returns 0 or -ENOMEM, -EBADF.
+ */
+int vmig_transport_from_fds(int rfd, int wfd, struct vmig_transport **out);
+
+/*
+ * Open @path for a save (@write: created or truncated, mode 0600, because
+ * it will hold guest memory) or a restore (read).  Writes go straight to
+ * the file; vmig_transport_shutdown_write() fsyncs it, and a full file
+ * system shows up as -ENOSPC with a message saying so, on a write or
+ * there.  Returns 0 or -errno with a message naming @path in @err.
+ */
+int vmig_transport_open_file(const char *path, bool write,
+			     struct vmig_transport **out, struct vmig_err *err);
+
+/* Close and free.  NULL-safe.  Does not fsync: call shutdown_write. */
+void vmig_transport_close(struct vmig_transport *t);
+
+/*
+ * Read up to @len bytes (at least 1, unless at end of stream).  Returns the
+ * count, 0 at end of stream, -ETIMEDOUT if nothing came within the
+ * timeout, or another -errno.
+ */
+ssize_t vmig_transport_read(struct vmig_transport *t, void *buf, size_t len);
+
+/*
+ * Read exactly @len bytes.  Returns 0; -EPIPE if the stream ends cleanly
+ * before @len bytes; -ETIMEDOUT; or another -errno.
+ */
+int vmig_transport_read_full(struct vmig_transport *t, void *buf, size_t len);
+
+/*
+ * Write all of @len bytes / of the @iovcnt buffers of @iov (the array is
+ * not modified).  Returns 0; -EPIPE or -ECONNRESET when the peer has gone;
+ * -ETIMEDOUT if no progress within the timeout; -ENOSPC (files);
+ * another -errno.  After a failure the stream is out of step: close it.
+ */
+int vmig_transport_write_full(struct vmig_transport *t, const void *buf,
+			      size_t len);
+int vmig_transport_writev_full(struct vmig_transport *t,
+			       const struct iovec *iov, int iovcnt);
+
+/* See the shutdown_write op.  0 if the backend has no such notion. */
+int vmig_transport_shutdown_write(struct vmig_transport *t);
+
+/*
+ * Bound each later read/write wait to @timeout_ms (-1 = wait forever, the
+ * default); a wait that expires fails with -ETIMEDOUT.  Not for files.
+ * Returns 0 or -errno.
+ */
+int vmig_transport_set_timeout(struct vmig_transport *t, int timeout_ms);
+
+/* An fd that polls readable when data (or EOF) is there, or -1. */
+int vmig_transport_fd(struct vmig_transport *t);
+
+/* "tcp://127.0.0.1:4444", "unix:/run/x", "file:/x", "fd:3,4". */
+const char *vmig_transport_desc(const struct vmig_transport *t);
+
+/* The first read/write failure recorded (code 0 if none). */
+const struct vmig_err *vmig_transport_err(const struct vmig_transport *t);
+
+/* ------------------------------------------------------------------------
+ * Listeners (tcp and unix)
+ */
+
+struct vmig_listener;
+
+/*
+ * Listen on @uri: tcp://HOST:PORT (PORT 0: the kernel picks one, see
+ * vmig_listener_uri()), or unix:PATH (mode 0600; a stale socket file is
+ * replaced, a live one is -EADDRINUSE, a non-socket -EEXIST; the file is
+ * removed again by vmig_listener_close()).  file: and fd: cannot listen.
+ * Returns 0 or -errno with a message naming the address in @err.
+ */
+int vmig_transport_listen(const char *uri, struct vmig_listener **out,
+			  struct vmig_err *err);
+
+/*
+ * Wait up to @timeout_ms (-1 = forever) for one connection.  The new
+ * transport's desc names the peer ("tcp://127.0.0.1:51234").  Returns 0,
+ * -ETIMEDOUT ("no connection on tcp://...: waited 5000 ms"), or -errno,
+ * with a message in @err.
+ */
+int vmig_transport_accept(struct vmig_listener *l, int timeout_ms,
+			  struct vmig_transport **out, struct vmig_err *err);
+
+/* The address really listened on, with the port the kernel chose. */
+const char *vmig_listener_uri(const struct vmig_listener *l);
+
+/* The listening fd, to poll for readability alongside other fds. */
+int vmig_listener_fd(const struct vmig_listener *l);
+
+/* Close; removes a unix socket file it created.  NULL-safe. */
+void vmig_listener_close(struct vmig_listener *l);
+
+#endif /* VMIG_TRANSPORT_H */

@@ -13,7 +13,29 @@ struct json_object;
 #define VMIG_EXIT_ERROR  1
 #define VMIG_EXIT_USAGE  2
 
+struct cli_paths {
+	char dir[4096];
+	char pid[4096];
+	char sock[4096];
+	char log[4096];
+};
+
+/* The run directory (created) and NAME's files in it; errors printed. */
+int cli_make_paths(const char *name, struct cli_paths *p);
+/* Take NAME.pid's lock (one VMM per name); the fd or -errno, error printed. */
+int cli_lock_name(const char *name, const char *path);
+void cli_write_pid(int fd);
+/* Tell a --detach parent how start-up went: "" for success, else why. */
+void cli_notify_parent(int fd, const char *msg);
+/* Block SIGINT/SIGTERM/SIGHUP in every thread to come; a signalfd for them. */
+int cli_block_signals(void);
+
 int cmd_run(int argc, char **argv);
+int cmd_migrate(int argc, char **argv);
+int cmd_cancel(int argc, char **argv);
+int cmd_save(int argc, char **argv);
+int cmd_incoming(int argc, char **argv);
+int cmd_restore(int argc, char **argv);
 int cmd_list(int argc, char **argv);
 int cmd_status(int argc, char **argv);
 int cmd_pause(int argc, char **argv);

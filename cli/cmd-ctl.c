@@ -148,8 +148,33 @@ int cmd_pause(int argc, char **argv)
 
 int cmd_resume(int argc, char **argv)
 {
-	return simple_cmd("resume", argc, argv, "Usage: vmig resume NAME\n\n"
-			  "Resume a paused VM NAME.\n", "resumed");
+	struct json_object *reply = NULL, *req;
+	char path[4096];
+	const char *msg = NULL;
+	int ret;
+
+	if (argc != 3 || (strcmp(argv[1], "--force") && strcmp(argv[2], "--force")))
+		return simple_cmd("resume", argc, argv, "Usage: vmig resume NAME [--force]\n\n"
+				  "Resume a paused VM NAME.  --force resumes a VM whose "
+				  "migration handoff is uncertain:\nonly when you have checked "
+				  "that the destination does not run it.\n", "resumed");
+	/* resume --force NAME: resolve a handoff-uncertain VM. */
+	if (cli_vm_path(!strcmp(argv[1], "--force") ? argv[2] : argv[1], "sock",
+			path, sizeof(path)) < 0)
+		return VMIG_EXIT_ERROR;
+	req = vmig_ctl_request("resume");
+	json_object_object_add(req, "force", json_object_new_boolean(1));
+	ret = vmig_ctl_call(path, req, &reply);
+	if (ret == 0)
+		ret = vmig_ctl_reply_status(reply, &msg);
+	if (ret < 0) {
+		cli_error("%s", msg ? msg : strerror(-ret));
+		json_object_put(reply);
+		return VMIG_EXIT_ERROR;
+	}
+	json_object_put(reply);
+	printf("VM '%s' resumed\n", !strcmp(argv[1], "--force") ? argv[2] : argv[1]);
+	return VMIG_EXIT_OK;
 }
 
 /* Wait until the VMM releases NAME.pid's lock, i.e. has finished. */

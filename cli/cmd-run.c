@@ -41,12 +41,6 @@ struct run_opts {
 	bool detach;
 };
 
-struct run_paths {
-	char dir[4096];
-	char pid[4096];
-	char sock[4096];
-	char log[4096];
-};
 
 static void run_usage(FILE *f)
 {
@@ -125,7 +119,7 @@ static int parse_run(int argc, char **argv, struct run_opts *o)
 	return 0;
 }
 
-static int make_paths(const char *name, struct run_paths *p)
+int cli_make_paths(const char *name, struct cli_paths *p)
 {
 	int ret;
 
@@ -149,7 +143,7 @@ static int make_paths(const char *name, struct run_paths *p)
 }
 
 /* Take NAME.pid's lock: one VMM per name.  Returns the fd or -errno. */
-static int lock_name(const char *name, const char *path)
+int cli_lock_name(const char *name, const char *path)
 {
 	char buf[32] = "";
 	ssize_t n;
@@ -179,7 +173,7 @@ static int lock_name(const char *name, const char *path)
 	return fd;
 }
 
-static void write_pid(int fd)
+void cli_write_pid(int fd)
 {
 	char buf[32];
 	int len = snprintf(buf, sizeof(buf), "%d\n", (int)getpid());
@@ -189,7 +183,7 @@ static void write_pid(int fd)
 }
 
 /* Tell a waiting parent how set-up went: "" for success, else a message. */
-static void notify_parent(int fd, const char *msg)
+void cli_notify_parent(int fd, const char *msg)
 {
 	if (fd < 0)
 		return;
@@ -200,7 +194,7 @@ static void notify_parent(int fd, const char *msg)
 
 /* Parent side of --detach: wait until the child's socket is up. */
 static int wait_for_child(pid_t child, int fd, const struct run_opts *o,
-			  const struct run_paths *p)
+			  const struct cli_paths *p)
 {
 	char msg[1024];
 	size_t len = 0;
@@ -238,7 +232,7 @@ static int wait_for_child(pid_t child, int fd, const struct run_opts *o,
 	return VMIG_EXIT_OK;
 }
 
-static int block_signals(void)
+int cli_block_signals(void)
 {
 	sigset_t set;
 	int fd;
@@ -256,7 +250,7 @@ static int block_signals(void)
 }
 
 /* Be the VMM.  @notify_fd is the pipe to a --detach parent, or -1. */
-static int vmm_main(const struct run_opts *o, const struct run_paths *p, int notify_fd)
+static int vmm_main(const struct run_opts *o, const struct cli_paths *p, int notify_fd)
 {
 	struct vmig_vm_config cfg = {
 		.name = o->name,
@@ -270,7 +264,7 @@ static int vmm_main(const struct run_opts *o, const struct run_paths *p, int not
 	int sig_fd, listen_fd = -1, ret, code = VMIG_EXIT_ERROR;
 	char msg[4096 + 512];
 
-	sig_fd = block_signals();
+	sig_fd = cli_block_signals();
 	if (sig_fd < 0) {
 		snprintf(msg, sizeof(msg), "cannot set up signal handling: %s", strerror(-sig_fd));
 		goto fail_msg;
@@ -291,7 +285,7 @@ static int vmm_main(const struct run_opts *o, const struct run_paths *p, int not
 		goto fail_msg;
 	}
 	if (notify_fd >= 0) {
-		notify_parent(notify_fd, "");
+		cli_notify_parent(notify_fd, "");
 		notify_fd = -1;
 	} else {
 		char sz[32];
@@ -305,7 +299,7 @@ static int vmm_main(const struct run_opts *o, const struct run_paths *p, int not
 
 fail_msg:
 	if (notify_fd >= 0)
-		notify_parent(notify_fd, msg);
+		cli_notify_parent(notify_fd, msg);
 	else
 		cli_error("%s", msg);
 	/* A detached child's log gets it too. */
@@ -325,21 +319,21 @@ out:
 int cmd_run(int argc, char **argv)
 {
 	struct run_opts o;
-	struct run_paths p;
+	struct cli_paths p;
 	int ret, lock_fd, pipefd[2], code;
 	pid_t child;
 
 	ret = parse_run(argc, argv, &o);
 	if (ret)
 		return ret;
-	if (make_paths(o.name, &p) < 0)
+	if (cli_make_paths(o.name, &p) < 0)
 		return VMIG_EXIT_ERROR;
-	lock_fd = lock_name(o.name, p.pid);
+	lock_fd = cli_lock_name(o.name, p.pid);
 	if (lock_fd < 0)
 		return VMIG_EXIT_ERROR;
 
 	if (!o.detach) {
-		write_pid(lock_fd);
+		cli_write_pid(lock_fd);
 		code = vmm_main(&o, &p, -1);
 		unlink(p.pid);
 		close(lock_fd);
@@ -376,7 +370,7 @@ int cmd_run(int argc, char **argv)
 
 			snprintf(msg, sizeof(msg), "cannot open the console log %s: %s",
 				 p.log, strerror(errno));
-			notify_parent(pipefd[1], msg);
+			cli_notify_parent(pipefd[1], msg);
 			_exit(VMIG_EXIT_ERROR);
 		}
 		dup2(null_fd, STDIN_FILENO);
@@ -385,7 +379,7 @@ int cmd_run(int argc, char **argv)
 		close(null_fd);
 		close(log_fd);
 	}
-	write_pid(lock_fd);
+	cli_write_pid(lock_fd);
 	code = vmm_main(&o, &p, pipefd[1]);
 	unlink(p.pid);
 	close(lock_fd);

@@ -22,6 +22,7 @@
 
 #include <json-c/json.h>
 
+#include "vmig/migrate.h"
 #include "vmig/util.h"
 #include "vmig/vm.h"
 #include "cli.h"
@@ -31,6 +32,7 @@
 struct client {
 	int fd;
 	struct vmig_ctl_reader reader;
+	bool subscribed;          /* gets the migration's progress and result */
 };
 
 struct server {
@@ -41,7 +43,15 @@ struct server {
 	unsigned int nr_clients;
 	bool quit;
 	int exit_code;
+	struct vmig_migration *mig;            /* the running migration, or NULL */
+	bool have_last;
+	struct vmig_migrate_stats last;        /* the last one's final stats */
+	bool uncertain;                        /* handoff-uncertain: paused, held */
+	bool saving;                           /* the migration is a save */
+	bool keep_running;                     /* save: the VM goes on afterwards */
 };
+
+static struct server *the_server;   /* for status of the migration */
 
 struct json_object *cli_vm_status_json(struct vmig_vm *vm)
 {
@@ -52,8 +62,18 @@ struct json_object *cli_vm_status_json(struct vmig_vm *vm)
 	if (!o)
 		return NULL;
 	json_object_object_add(o, "name", json_object_new_string(cfg->name));
-	json_object_object_add(o, "state",
-			       json_object_new_string(vmig_vm_state_name(vmig_vm_state(vm))));
+	json_object_object_add(o, "state", json_object_new_string(
+		the_server && the_server->uncertain ? "handoff-uncertain" :
+		vmig_vm_state_name(vmig_vm_state(vm))));
+	if (the_server && (the_server->mig || the_server->have_last)) {
+		struct vmig_migrate_stats st;
+
+		if (the_server->mig)
+			vmig_migrate_src_stats(the_server->mig, &st);
+		else
+			st = the_server->last;
+		json_object_object_add(o, "migration", vmig_migrate_stats_json(&st));
+	}
 	json_object_object_add(o, "pid", json_object_new_int(getpid()));
 	json_object_object_add(o, "memory", json_object_new_uint64(cfg->mem_size));
 	json_object_object_add(o, "vcpus", json_object_new_int((int)cfg->nr_vcpus));
@@ -76,7 +96,83 @@ struct json_object *cli_vm_status_json(struct vmig_vm *vm)
 	return o;
 }
 
-static struct json_object *handle_request(struct server *s, struct json_object *req)
+static uint64_t jnum(struct json_object *req, const char *key, uint64_t dflt)
+{
+	struct json_object *v;
+
+	return json_object_object_get_ex(req, key, &v) ? (uint64_t)json_object_get_int64(v) : dflt;
+}
+
+static bool jbool(struct json_object *req, const char *key, bool dflt)
+{
+	struct json_object *v;
+
+	return json_object_object_get_ex(req, key, &v) ? json_object_get_boolean(v) : dflt;
+}
+
+/* "migrate" {uri, max_downtime_ms, timeout_s, on_timeout, compress, resume}
+ * or "save" {path, keep_running}: the client then receives the progress. */
+static struct json_object *start_migration(struct server *s, struct client *c,
+					   struct json_object *req, bool save)
+{
+	struct vmig_migrate_params p = {
+		.max_downtime_ms = 300,
+		.on_timeout = VMIG_ON_TIMEOUT_CANCEL,
+		.compress = true,
+	};
+	struct vmig_err err = { 0 };
+	struct json_object *v, *reply;
+	char uri[4200];
+	int ret;
+
+	if (s->mig)
+		return vmig_ctl_reply_error(EBUSY, "a migration is already in progress");
+	if (s->uncertain)
+		return vmig_ctl_reply_error(EBUSY, "the last handoff is uncertain: resolve it first");
+	if (vmig_vm_state(s->vm) == VMIG_VM_STOPPED)
+		return vmig_ctl_reply_error(ESHUTDOWN, "the VM has stopped");
+	if (save) {
+		if (!json_object_object_get_ex(req, "path", &v) ||
+		    !json_object_is_type(v, json_type_string))
+			return vmig_ctl_reply_error(EINVAL, "save needs a \"path\"");
+		snprintf(uri, sizeof(uri), "file:%s", json_object_get_string(v));
+		p.max_downtime_ms = UINT32_MAX;
+		p.stop_after = !jbool(req, "keep_running", false);
+	} else {
+		if (!json_object_object_get_ex(req, "uri", &v) ||
+		    !json_object_is_type(v, json_type_string))
+			return vmig_ctl_reply_error(EINVAL, "migrate needs a \"uri\"");
+		snprintf(uri, sizeof(uri), "%s", json_object_get_string(v));
+		p.max_downtime_ms = (uint32_t)jnum(req, "max_downtime_ms", 300);
+		p.timeout_s = (uint32_t)jnum(req, "timeout_s", 0);
+		if (json_object_object_get_ex(req, "on_timeout", &v)) {
+			const char *t = json_object_get_string(v);
+
+			if (!strcmp(t, "force"))
+				p.on_timeout = VMIG_ON_TIMEOUT_FORCE;
+			else if (strcmp(t, "cancel"))
+				return vmig_ctl_reply_error(EINVAL, "on_timeout must be "
+							    "\"cancel\" or \"force\"");
+		}
+		p.compress = jbool(req, "compress", true);
+		p.resume_dst = jbool(req, "resume", false);
+	}
+	p.uri = uri;
+	ret = vmig_migrate_src_start(s->vm, &p, &s->mig, &err);
+	if (ret)
+		return vmig_ctl_reply_error(ret, "%s", err.msg[0] ? err.msg : strerror(-ret));
+	s->have_last = false;
+	s->saving = save;
+	s->keep_running = save && !p.stop_after;
+	vmig_log(VMIG_LOG_INFO, "%s to %s started", save ? "save" : "migration", uri);
+	c->subscribed = true;
+	reply = vmig_ctl_reply_ok();
+	json_object_object_add(reply, "event", json_object_new_string("started"));
+	return reply;
+}
+
+static struct json_object *handle_request(struct server *s, struct client *client,
+					  struct json_object *req)
 {
 	struct json_object *cmdo;
 	const char *cmd;
@@ -89,6 +185,28 @@ static struct json_object *handle_request(struct server *s, struct json_object *
 
 	if (!strcmp(cmd, "status"))
 		return cli_vm_status_json(s->vm);
+	if (!strcmp(cmd, "migrate") || !strcmp(cmd, "save"))
+		return start_migration(s, client, req, !strcmp(cmd, "save"));
+	if (!strcmp(cmd, "cancel")) {
+		if (!s->mig)
+			return vmig_ctl_reply_error(ENOENT, "no migration is in progress");
+		vmig_migrate_src_cancel(s->mig);
+		return vmig_ctl_reply_ok();
+	}
+	if ((!strcmp(cmd, "pause") || !strcmp(cmd, "resume")) && s->mig)
+		return vmig_ctl_reply_error(EBUSY, "a migration is in progress "
+					    "(vmig cancel %s first)", vmig_vm_config(s->vm)->name);
+	if (!strcmp(cmd, "resume") && s->uncertain) {
+		struct json_object *f;
+
+		if (!json_object_object_get_ex(req, "force", &f) || !json_object_get_boolean(f))
+			return vmig_ctl_reply_error(EBUSY, "the handoff is uncertain: the "
+				"destination may be running this VM.  Check it with "
+				"'vmig status' there; if it does not run the VM, "
+				"'vmig resume --force %s' here, else 'vmig stop %s'",
+				vmig_vm_config(s->vm)->name, vmig_vm_config(s->vm)->name);
+		s->uncertain = false;
+	}
 	if (!strcmp(cmd, "pause")) {
 		ret = vmig_vm_pause(s->vm);
 		if (ret)
@@ -104,6 +222,10 @@ static struct json_object *handle_request(struct server *s, struct json_object *
 		return cli_vm_status_json(s->vm);
 	}
 	if (!strcmp(cmd, "stop")) {
+		if (s->mig) {
+			/* Before COMMIT this resumes the VM here, which we then stop. */
+			vmig_migrate_src_cancel(s->mig);
+		}
 		s->quit = true;
 		s->exit_code = VMIG_EXIT_OK;
 		return vmig_ctl_reply_ok();
@@ -139,7 +261,7 @@ static bool serve_client(struct server *s, unsigned int i)
 			drop_client(s, i);
 			return false;
 		} else {
-			reply = handle_request(s, req);
+			reply = handle_request(s, c, req);
 			json_object_put(req);
 		}
 		ret = reply ? vmig_ctl_send(c->fd, reply) : -ENOMEM;
@@ -172,6 +294,66 @@ static void accept_client(struct server *s)
 	s->nr_clients++;
 }
 
+static void broadcast(struct server *s, struct json_object *ev)
+{
+	unsigned int i;
+
+	for (i = s->nr_clients; i-- > 0;)
+		if (s->clients[i].subscribed && vmig_ctl_send(s->clients[i].fd, ev) < 0)
+			drop_client(s, i);
+}
+
+static void migration_event(struct server *s)
+{
+	struct vmig_migrate_stats st;
+	struct json_object *ev;
+	uint64_t v;
+
+	if (read(vmig_migrate_src_event_fd(s->mig), &v, sizeof(v)) != sizeof(v))
+		return;
+	vmig_migrate_src_stats(s->mig, &st);
+	if (!vmig_migrate_status_final(st.status)) {
+		ev = vmig_migrate_stats_json(&st);
+		json_object_object_add(ev, "event", json_object_new_string("progress"));
+		broadcast(s, ev);
+		json_object_put(ev);
+		return;
+	}
+	vmig_migrate_src_finish(s->mig, &st);
+	s->mig = NULL;
+	s->last = st;
+	s->have_last = true;
+	ev = vmig_migrate_stats_json(&st);
+	json_object_object_add(ev, "event", json_object_new_string("result"));
+	broadcast(s, ev);
+	json_object_put(ev);
+
+	switch (st.status) {
+	case VMIG_MIGRATE_COMPLETED:
+		/* The destination runs the VM now: this copy is released. */
+		if (s->keep_running) {
+			fprintf(stderr, "vmig: VM '%s' saved; it keeps running\n",
+				vmig_vm_config(s->vm)->name);
+			break;
+		}
+		fprintf(stderr, "vmig: VM '%s' %s; this VMM exits\n", vmig_vm_config(s->vm)->name,
+			s->saving ? "saved" : "migrated");
+		s->quit = true;
+		s->exit_code = VMIG_EXIT_OK;
+		break;
+	case VMIG_MIGRATE_UNCERTAIN:
+		s->uncertain = true;
+		fprintf(stderr, "vmig: VM '%s': handoff uncertain: %s; the VM stays paused "
+			"here until an admin resolves it\n", vmig_vm_config(s->vm)->name, st.error);
+		break;
+	default:
+		fprintf(stderr, "vmig: VM '%s': migration %s%s%s; the VM runs here\n",
+			vmig_vm_config(s->vm)->name, vmig_migrate_status_name(st.status),
+			st.error[0] ? ": " : "", st.error);
+		break;
+	}
+}
+
 static void read_signal(struct server *s)
 {
 	struct signalfd_siginfo si;
@@ -202,17 +384,24 @@ static void read_vm_event(struct server *s)
 int cli_control_serve(struct vmig_vm *vm, int listen_fd, int signal_fd)
 {
 	struct server s = { .vm = vm, .listen_fd = listen_fd, .signal_fd = signal_fd };
-	struct pollfd pfd[3 + MAX_CLIENTS];
+	struct pollfd pfd[4 + MAX_CLIENTS];
 	unsigned int i, n;
 
-	while (!s.quit) {
+	the_server = &s;
+	while (!s.quit || s.mig) {
+		if (s.quit && s.mig) {
+			/* Stopping: let the migration wind down (it was cancelled). */
+			vmig_migrate_src_cancel(s.mig);
+		}
 		pfd[0] = (struct pollfd){ .fd = listen_fd, .events = POLLIN };
 		pfd[1] = (struct pollfd){ .fd = signal_fd, .events = POLLIN };
 		pfd[2] = (struct pollfd){ .fd = vmig_vm_event_fd(vm), .events = POLLIN };
+		pfd[3] = (struct pollfd){ .fd = s.mig ? vmig_migrate_src_event_fd(s.mig) : -1,
+					  .events = POLLIN };
 		n = s.nr_clients;
 		for (i = 0; i < n; i++)
-			pfd[3 + i] = (struct pollfd){ .fd = s.clients[i].fd, .events = POLLIN };
-		if (poll(pfd, 3 + n, -1) < 0) {
+			pfd[4 + i] = (struct pollfd){ .fd = s.clients[i].fd, .events = POLLIN };
+		if (poll(pfd, 4 + n, -1) < 0) {
 			if (errno == EINTR)
 				continue;
 			vmig_log(VMIG_LOG_ERROR, "poll: %s", strerror(errno));
@@ -223,15 +412,18 @@ int cli_control_serve(struct vmig_vm *vm, int listen_fd, int signal_fd)
 			read_signal(&s);
 		if (pfd[2].revents)
 			read_vm_event(&s);
+		if (s.mig && pfd[3].revents)
+			migration_event(&s);
 		/* Clients last: their indexes move as they are dropped. */
 		for (i = n; i-- > 0 && !s.quit;)
-			if (pfd[3 + i].revents)
+			if (i < s.nr_clients && pfd[4 + i].revents)
 				serve_client(&s, i);
 		if (pfd[0].revents && !s.quit)
 			accept_client(&s);
 	}
 	while (s.nr_clients)
 		drop_client(&s, 0);
+	the_server = NULL;
 	vmig_vm_stop(vm);
 	return s.exit_code;
 }

@@ -31,6 +31,11 @@ static const struct command commands[] = {
 	{ "pause",  cmd_pause,  "pause a VM's vCPUs" },
 	{ "resume", cmd_resume, "resume a paused VM" },
 	{ "stop",   cmd_stop,   "stop a VM and end its VMM process" },
+	{ "migrate", cmd_migrate, "live-migrate a VM to another host" },
+	{ "incoming", cmd_incoming, "receive a live migration" },
+	{ "cancel", cmd_cancel, "cancel a VM's migration or save" },
+	{ "save",   cmd_save,   "write a VM to a file and stop it" },
+	{ "restore", cmd_restore, "start a VM from a file written by save" },
 };
 
 void cli_error(const char *fmt, ...)
@@ -113,7 +118,7 @@ static void usage(FILE *f)
 		"vmig runs KVM virtual machines and moves them between hosts.\n\n"
 		"Commands:\n");
 	for (i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-		fprintf(f, "  %-8s %s\n", commands[i].name, commands[i].summary);
+		fprintf(f, "  %-9s %s\n", commands[i].name, commands[i].summary);
 	fprintf(f, "\nRun 'vmig COMMAND --help' for a command's options; "
 		"'man vmig' and 'man vmig-COMMAND' for the manuals.\n"
 		"Environment: VMIG_RUN_DIR (run directory), VMIG_LOG (error|warn|info|debug).\n");

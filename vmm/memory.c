@@ -66,6 +66,7 @@ static int add_slot(struct vmig_vm *vm, uint64_t gpa, uint64_t size,
 	r->size = size;
 	r->hva = vm->mem + offset;
 	r->slot = kr.slot;
+	r->offset = offset;
 	vm->nr_regions++;
 	return 0;
 }

@@ -240,32 +240,6 @@ fail:
 	return ret;
 }
 
-int vmig_vm_start(struct vmig_vm *vm, struct vmig_err *err)
-{
-	unsigned int i;
-	int ret;
-
-	if (vm->state != VMIG_VM_CREATED) {
-		vmig_err_set(err, -EALREADY, "the VM was already started");
-		return -EALREADY;
-	}
-	vm->start_ns = now_ns();
-	for (i = 0; i < vm->cfg.nr_vcpus; i++) {
-		ret = vmig__vcpu_thread_start(&vm->vcpus[i]);
-		if (ret) {
-			vmig_err_set(err, ret, "cannot start the thread of vCPU %u: %s",
-				     i, strerror(-ret));
-			vmig_vm_stop(vm);
-			return ret;
-		}
-	}
-	pthread_mutex_lock(&vm->lock);
-	if (vm->state == VMIG_VM_CREATED)
-		vm->state = VMIG_VM_RUNNING;
-	pthread_mutex_unlock(&vm->lock);
-	return 0;
-}
-
 static bool all_paused_locked(struct vmig_vm *vm)
 {
 	unsigned int i;
@@ -277,6 +251,52 @@ static bool all_paused_locked(struct vmig_vm *vm)
 			return false;
 	}
 	return true;
+}
+
+static int start(struct vmig_vm *vm, bool paused, struct vmig_err *err)
+{
+	unsigned int i;
+	int ret;
+
+	if (vm->state != VMIG_VM_CREATED) {
+		vmig_err_set(err, -EALREADY, "the VM was already started");
+		return -EALREADY;
+	}
+	vm->start_ns = now_ns();
+	if (paused) {
+		/* The threads see the request before their first KVM_RUN. */
+		pthread_mutex_lock(&vm->lock);
+		for (i = 0; i < vm->cfg.nr_vcpus; i++)
+			vm->vcpus[i].pause_req = true;
+		pthread_mutex_unlock(&vm->lock);
+	}
+	for (i = 0; i < vm->cfg.nr_vcpus; i++) {
+		ret = vmig__vcpu_thread_start(&vm->vcpus[i]);
+		if (ret) {
+			vmig_err_set(err, ret, "cannot start the thread of vCPU %u: %s",
+				     i, strerror(-ret));
+			vmig_vm_stop(vm);
+			return ret;
+		}
+	}
+	pthread_mutex_lock(&vm->lock);
+	if (vm->state == VMIG_VM_CREATED)
+		vm->state = paused ? VMIG_VM_PAUSED : VMIG_VM_RUNNING;
+	if (paused)
+		while (!all_paused_locked(vm))
+			pthread_cond_wait(&vm->cond, &vm->lock);
+	pthread_mutex_unlock(&vm->lock);
+	return 0;
+}
+
+int vmig_vm_start(struct vmig_vm *vm, struct vmig_err *err)
+{
+	return start(vm, false, err);
+}
+
+int vmig_vm_start_paused(struct vmig_vm *vm, struct vmig_err *err)
+{
+	return start(vm, true, err);
 }
 
 int vmig_vm_pause(struct vmig_vm *vm)
@@ -423,6 +443,11 @@ uint64_t vmig_vm_uptime_ms(const struct vmig_vm *vm)
 int vmig_vm_kvm_fd(const struct vmig_vm *vm)
 {
 	return vm->kvm_fd;
+}
+
+int vmig_vm_mem_fd(const struct vmig_vm *vm)
+{
+	return vm->mem_fd;
 }
 
 int vmig_vm_fd(const struct vmig_vm *vm)

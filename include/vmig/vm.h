@@ -51,6 +51,7 @@ struct vmig_mem_region {
 	uint64_t size;           /* bytes, page multiple */
 	uint8_t *hva;            /* host mapping of it */
 	uint32_t slot;           /* KVM memory slot id */
+	uint64_t offset;         /* where it starts in the RAM memfd */
 };
 
 /*
@@ -66,6 +67,9 @@ void vmig_vm_destroy(struct vmig_vm *vm);
 
 /* Start the vCPU threads (CREATED -> RUNNING).  0 or -errno. */
 int vmig_vm_start(struct vmig_vm *vm, struct vmig_err *err);
+
+/* Start the vCPU threads paused (CREATED -> PAUSED): no guest code runs. */
+int vmig_vm_start_paused(struct vmig_vm *vm, struct vmig_err *err);
 
 /*
  * Pause: returns once every vCPU is out of KVM_RUN with any pending I/O
@@ -97,6 +101,13 @@ uint64_t vmig_vm_uptime_ms(const struct vmig_vm *vm);
 /* The RAM regions, in ascending gpa order.  Valid until destroy. */
 unsigned int vmig_vm_regions(const struct vmig_vm *vm,
 			     const struct vmig_mem_region **regions);
+
+/*
+ * The memfd behind all regions (see vmig_mem_region.offset).  Borrowed:
+ * lseek(SEEK_DATA/SEEK_HOLE) on it tells which RAM was never written, so
+ * a migration need not read (and fault in) a sparse guest's holes.
+ */
+int vmig_vm_mem_fd(const struct vmig_vm *vm);
 
 /* Host pointer for [gpa, gpa+len) if it lies inside one region, else NULL. */
 void *vmig_vm_gpa_to_hva(const struct vmig_vm *vm, uint64_t gpa, uint64_t len);

@@ -84,20 +84,24 @@ _start:
 	movl %eax, %fs
 	movl %eax, %gs
 
-	/* PML4 and PDPT (adjacent pages): zero. */
-	movl $pml4, %edi
-	xorl %eax, %eax
-	movl $2048, %ecx
-	rep stosl
-	/* 4 page directories: [0, 4 GiB) in 2 MiB pages. */
+	/*
+	 * 4 page directories: [0, 4 GiB) in 2 MiB pages.  The tables are in
+	 * .bss, which the loader zeroes (ELF p_memsz > p_filesz), so only the
+	 * low halves of the entries are written; 4 per turn, as every
+	 * instruction is emulated here.
+	 */
 	movl $pd_low, %edi
 	movl $(PTE_P | PTE_W | PTE_U | PTE_PS), %eax
-	xorl %edx, %edx
-	movl $2048, %ecx
+	movl $512, %ecx
 2:	movl %eax, (%edi)
-	movl %edx, 4(%edi)
 	addl $0x200000, %eax
-	addl $8, %edi
+	movl %eax, 8(%edi)
+	addl $0x200000, %eax
+	movl %eax, 16(%edi)
+	addl $0x200000, %eax
+	movl %eax, 24(%edi)
+	addl $0x200000, %eax
+	addl $32, %edi
 	loop 2b
 	movl $(pd_low + (PTE_P | PTE_W | PTE_U)), %eax
 	movl $pdpt, %edi
@@ -222,7 +226,7 @@ isr13:
 	jne 3f
 	cmpb $0, uart_poll(%rip)
 	je 3f
-	movl $20000, %ecx
+	movl $2000, %ecx
 	movw $(GUEST_COM1 + 5), %dx
 1:	inb %dx, %al
 	testb $0x20, %al

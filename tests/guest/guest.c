@@ -27,8 +27,9 @@
  *
  * Memory ownership: everything below VMIG_GUEST_WS_START belongs to the
  * guest image, its page tables, the status page and the trampoline; work
- * pages start at VMIG_GUEST_WS_START.  Work pages are assumed to be zero at
- * boot (a fresh VM): "a page never written holds zeroes".
+ * pages start at VMIG_GUEST_WS_START.  Each vCPU clears the stamp and tail
+ * words of its work pages in ring 3 before it reports RUNNING, so that "a
+ * page never written holds zeroes" holds even if the firmware used the RAM.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -61,7 +62,7 @@
 #define MSR_SYSENTER_EIP    0x176
 
 #define PIT_HZ              1193182ull
-#define PIT_CAL_LATCH       11932u        /* 10 ms */
+#define PIT_CAL_TICKS       11932u        /* 10 ms */
 
 #define MAX_BAD_REPORTS     8             /* per vCPU */
 
@@ -110,11 +111,16 @@ static volatile uint64_t bad_pages[VMIG_GUEST_MAX_VCPUS];
 void *memset(void *d, int c, size_t n);
 void *memcpy(void *d, const void *s, size_t n);
 
+/* Whole quadwords first: each iteration of a rep is emulated in ring 0. */
 void *memset(void *d, int c, size_t n)
 {
+	uint64_t v = 0x0101010101010101ull * (uint8_t)c;
+	size_t q = n / 8;
 	void *r = d;
 
-	__asm__ __volatile__("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
+	n %= 8;
+	__asm__ __volatile__("rep stosq" : "+D"(d), "+c"(q) : "a"(v) : "memory");
+	__asm__ __volatile__("rep stosb" : "+D"(d), "+c"(n) : "a"(v) : "memory");
 	return r;
 }
 
@@ -264,9 +270,9 @@ static void k_putc(char c)
 	unsigned i;
 
 	if (uart_poll) {
-		for (i = 0; i < 20000 && !(inb(GUEST_COM1 + 5) & 0x20); i++)
+		for (i = 0; i < 2000 && !(inb(GUEST_COM1 + 5) & 0x20); i++)
 			;
-		if (i == 20000)
+		if (i == 2000)
 			uart_poll = 0;   /* no THRE: stop waiting for it */
 	}
 	outb(GUEST_COM1, (uint8_t)c);
@@ -559,40 +565,102 @@ static void map_high_ram(void)
 	__asm__ __volatile__("mov %%cr3, %%rax; mov %%rax, %%cr3" ::: "rax", "memory");
 }
 
-/* TSC frequency from PIT channel 2 (mode 0, 10 ms); 0 on failure. */
-static uint64_t pit_tsc_khz(void)
+/*
+ * TSC calibration against PIT channel 2.  Waiting for OUT2 is not good
+ * enough here: every poll is an emulated port read, and the host sometimes
+ * stalls a poll for milliseconds, always making the TSC look faster.  So
+ * read the counter instead, each read bracketed by two rdtsc; of a few reads
+ * keep the one with the narrowest bracket, at the start and after ~10 ms.
+ * The brackets bound the error.
+ */
+struct pit_sample {
+	uint64_t tsc;           /* middle of the bracket */
+	uint64_t win;           /* bracket width, TSC ticks */
+	uint16_t cnt;
+};
+
+static void pit_sample(struct pit_sample *s)
+{
+	uint64_t t1, t2;
+	uint8_t lo, hi;
+
+	t1 = rdtsc();
+	outb(0x43, 0x80);                       /* latch channel 2 */
+	lo = inb(0x42);
+	hi = inb(0x42);
+	t2 = rdtsc();
+	s->tsc = t1 + (t2 - t1) / 2;
+	s->win = t2 - t1;
+	s->cnt = (uint16_t)(lo | hi << 8);
+}
+
+static void pit_best_sample(struct pit_sample *best)
+{
+	struct pit_sample s;
+	int i;
+
+	pit_sample(best);
+	for (i = 0; i < 4; i++) {
+		pit_sample(&s);
+		if (s.win < best->win)
+			*best = s;
+	}
+}
+
+/* kHz, or 0 if the PIT does not count; *unc = summed bracket widths. */
+static uint64_t pit_tsc_khz(uint64_t *unc)
 {
 	uint8_t port61 = inb(0x61);
-	uint64_t t0, t1;
+	struct pit_sample a, b;
+	uint64_t t0, ticks, khz = 0;
 
 	outb(0x61, (uint8_t)((port61 & ~0x02) | 0x01));   /* gate on, speaker off */
-	outb(0x43, 0xb0);                                  /* ch 2, lo/hi, mode 0 */
-	outb(0x42, PIT_CAL_LATCH & 0xff);
-	outb(0x42, PIT_CAL_LATCH >> 8);
-	t0 = t1 = rdtsc();
-	while (!(inb(0x61) & 0x20)) {
-		t1 = rdtsc();
-		if (t1 - t0 > (1ull << 36))
-			break;
-	}
-	t1 = rdtsc();
+	outb(0x43, 0xb0);                       /* ch 2, lo/hi, mode 0, binary */
+	outb(0x42, 0xff);                       /* 0xffff: 55 ms to terminal count */
+	outb(0x42, 0xff);
+	pit_best_sample(&a);
+	t0 = rdtsc();
+	do {
+		pit_sample(&b);
+		ticks = (uint16_t)(a.cnt - b.cnt);
+	} while (ticks < PIT_CAL_TICKS && rdtsc() - t0 < (1ull << 33));
+	pit_best_sample(&b);
+	ticks = (uint16_t)(a.cnt - b.cnt);
+	/* OUT2 high: the count wrapped (a stall of > 55 ms); try again. */
+	if (!(inb(0x61) & 0x20) && ticks >= PIT_CAL_TICKS / 2)
+		khz = (b.tsc - a.tsc) * PIT_HZ / ticks / 1000;
+	*unc = a.win + b.win;
 	outb(0x61, port61);
-	return (t1 - t0) * PIT_HZ / PIT_CAL_LATCH / 1000;
+	return khz;
 }
 
 static void set_tsc_khz(void)
 {
+	uint64_t khz, unc, best_unc = ~0ull;
 	uint32_t ebx, ecx, eax;
+	int i;
 
 	if (cfg.tsc_khz)
 		return;
-	cfg.tsc_khz = pit_tsc_khz();
 	cfg.tsc_source = 1;
-	if (cfg.tsc_khz >= 100000 && cfg.tsc_khz <= 20000000)
+	for (i = 0; i < 3; i++) {
+		khz = pit_tsc_khz(&unc);
+		if (khz >= 100000 && khz <= 20000000 && unc < best_unc) {
+			cfg.tsc_khz = khz;
+			best_unc = unc;
+		}
+		/*
+		 * Brackets under 100 us in all: no stall, done.  (Typical here:
+		 * ~20 us, and the result is within ~0.01% of the host's TSC
+		 * frequency; a stall shows as milliseconds.)
+		 */
+		if (cfg.tsc_khz && best_unc * 10 < cfg.tsc_khz)
+			break;
+	}
+	if (cfg.tsc_khz)
 		return;
 	/* No usable PIT: CPUID 0x15 / 0x16, else a guess. */
 	cfg.tsc_source = 2;
-	cfg.tsc_khz = 0;
 	if (cpuid_eax(0, NULL, NULL) >= 0x16) {
 		eax = cpuid_eax(0x15, &ebx, &ecx);
 		if (eax && ebx && ecx)
@@ -714,26 +782,45 @@ static void banner(void)
 	k_putline(&l);
 }
 
-/* Wake APs 1..vcpus-1 with INIT-SIPI-SIPI; they report in vcpu[i].state. */
-static void start_aps(void)
+static void send_ipi(uint32_t apic_id, uint32_t icr)
+{
+	while (lapic_read(LAPIC_ICR_LO) & ICR_BUSY)
+		cpu_relax();
+	lapic_write(LAPIC_ICR_HI, apic_id << 24);
+	lapic_write(LAPIC_ICR_LO, icr);
+}
+
+/*
+ * First half of the AP start-up: INIT to APs 1..vcpus-1.  bsp_main then
+ * calibrates the TSC, which is the 10 ms INIT-to-SIPI wait.
+ */
+static void init_aps(void)
+{
+	uint32_t i;
+
+	lapic_write(LAPIC_SVR, 0x1ff);          /* software-enable, vector 0xff */
+	for (i = 1; i < cfg.vcpus; i++)
+		send_ipi(i, ICR_INIT);
+}
+
+/* Second half: SIPI, SIPI; the APs report in vcpu[i].state. */
+static void start_aps(uint64_t init_tsc)
 {
 	volatile struct vmig_guest_status *st = STATUS;
 	uint64_t t0;
 	uint32_t i, round, missing;
 
+	if (cfg.vcpus < 2)
+		return;
 	memcpy((void *)(uintptr_t)GUEST_TRAMPOLINE, ap_tramp_start,
 	       (size_t)(ap_tramp_end - ap_tramp_start));
-	lapic_write(LAPIC_SVR, 0x1ff);          /* software-enable, vector 0xff */
-	for (round = 0; round < 3; round++) {
-		for (i = 1; i < cfg.vcpus; i++) {
-			if (round && st->vcpu[i].state != VMIG_GUEST_VCPU_OFF)
-				continue;
-			while (lapic_read(LAPIC_ICR_LO) & ICR_BUSY)
-				cpu_relax();
-			lapic_write(LAPIC_ICR_HI, i << 24);
-			lapic_write(LAPIC_ICR_LO, round ? ICR_SIPI | (GUEST_TRAMPOLINE >> 12) : ICR_INIT);
-		}
-		delay_us(round ? 200 : 10000);
+	while (rdtsc() - init_tsc < cfg.tsc_khz * 10)
+		;
+	for (round = 0; round < 2; round++) {
+		for (i = 1; i < cfg.vcpus; i++)
+			if (st->vcpu[i].state == VMIG_GUEST_VCPU_OFF)
+				send_ipi(i, ICR_SIPI | (GUEST_TRAMPOLINE >> 12));
+		delay_us(200);
 	}
 	t0 = rdtsc();
 	do {
@@ -743,7 +830,7 @@ static void start_aps(void)
 				missing = i;
 	} while (missing && rdtsc() - t0 < cfg.tsc_khz * 1000);
 	if (missing)
-		k_fail("a vCPU did not start (is the VM's vCPU count >= vcpus=?): vCPU", missing);
+		k_fail("vCPU did not start; does the VM have vcpus= vCPUs? highest missing", missing);
 }
 
 void ap_main(uint32_t cpu)
@@ -759,6 +846,7 @@ void ap_main(uint32_t cpu)
 void bsp_main(uint32_t mb_magic, uint32_t mb_info)
 {
 	volatile struct vmig_guest_status *st = STATUS;
+	uint64_t init_tsc;
 
 	serial_init();
 	if (mb_magic != MB_BOOT_MAGIC)
@@ -768,12 +856,14 @@ void bsp_main(uint32_t mb_magic, uint32_t mb_info)
 	cfg.wss = 4ull << 20;
 	read_multiboot(mb_info);
 	parse_cmdline();
+	init_aps();
+	init_tsc = rdtsc();
 	map_high_ram();
 	set_tsc_khz();
 	set_up_status();
 	set_up_idt();
 	banner();
-	start_aps();
+	start_aps(init_tsc);
 	st->nr_vcpus = cfg.vcpus;
 	st->boot_tsc = rdtsc();
 	barrier();
@@ -956,15 +1046,9 @@ static void __attribute__((noreturn, used)) user_main(uint64_t cpu)
 	const int talk = cpu == 0 && !cfg.quiet;
 	struct vmig_guest_stamp old, new;
 	uint64_t gen = 1, cursor = 0, written = 0, csum = 0, hb = 0;
-	uint64_t now, next, acc = 0, next_print, gpa, tail;
+	uint64_t now, next, acc = 0, next_print, gpa, tail, k;
 	int done = 0;
 
-	v->heartbeat = 0;
-	v->pages_written = 0;
-	v->checksum = 0;
-	store_gen_cursor(v, 1, 0);
-	barrier();
-	v->state = VMIG_GUEST_VCPU_RUNNING;
 	if (cpu == 0) {
 		struct line l = { 0 };
 
@@ -973,6 +1057,36 @@ static void __attribute__((noreturn, used)) user_main(uint64_t cpu)
 		l_str(&l, " vcpus");
 		u_putline(&l);
 	}
+	/*
+	 * "A page never written holds zeroes": RAM is not necessarily fresh
+	 * (SeaBIOS, for one, leaves data near the top of low RAM that its e820
+	 * calls usable), so clear the stamp and tail words of every owned page
+	 * first.  This also takes the first-touch cost of the whole working set
+	 * here, while the vCPU is still BOOTING.
+	 */
+	next_print = rdtsc() + 2 * hz;
+	for (k = 0; k < n; k++) {
+		page = (volatile uint64_t *)(uintptr_t)vmig_guest_page_gpa(low_end, first + k);
+		page[0] = page[1] = page[2] = page[3] = 0;
+		page[VMIG_GUEST_TAIL_OFFSET / 8] = 0;
+		v->heartbeat = ++hb;
+		if (talk && !(k & 1023) && (int64_t)(rdtsc() - next_print) >= 0) {
+			struct line l = { 0 };
+
+			l_str(&l, "vmig-guest: clearing the working set: ");
+			l_u64(&l, k);
+			l_chr(&l, '/');
+			l_u64(&l, n);
+			l_str(&l, " pages");
+			u_putline(&l);
+			next_print = rdtsc() + 2 * hz;
+		}
+	}
+	v->pages_written = 0;
+	v->checksum = 0;
+	store_gen_cursor(v, 1, 0);
+	barrier();
+	v->state = VMIG_GUEST_VCPU_RUNNING;
 	if (!n && gens) {
 		v->state = VMIG_GUEST_VCPU_DONE;
 		done = 1;

@@ -1,0 +1,356 @@
+/*
+ * vmig incoming and vmig restore: this process receives a VM from a
+ * stream (a live migration, or a file written by vmig save) and, once it
+ * has it, becomes that VM's VMM, exactly as if `vmig run` had started it.
+ *
+ * The VM's name is known only once the stream's CONFIG arrives (unless
+ * --name gives it): the name's lock is taken then, before any memory is
+ * built, so a name already running here refuses the VM and the source
+ * keeps it.  With --detach the parent returns once the listener is up
+ * (incoming) or the VM is loaded (restore), with errors through a pipe.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "vmig/migrate.h"
+#include "vmig/transport.h"
+#include "vmig/util.h"
+#include "vmig/vm.h"
+#include "cli.h"
+
+struct in_opts {
+	const char *cmd;           /* "incoming" or "restore" */
+	const char *listen;        /* incoming: URI */
+	bool stdio;                /* incoming: the stream on stdin/stdout */
+	const char *file;          /* restore */
+	const char *name;
+	bool detach;
+	bool paused, resume;
+	int notify_fd;
+};
+
+struct claim_ctx {
+	struct cli_paths paths;
+	int lock_fd;
+	const char *tmp_log;       /* detached: rename to NAME.log */
+};
+
+static int claim_name(void *arg, const char *name, struct vmig_err *err)
+{
+	struct claim_ctx *c = arg;
+
+	if (cli_make_paths(name, &c->paths) < 0) {
+		vmig_err_set(err, -EINVAL, "cannot set up the run directory for '%s'", name);
+		return -EINVAL;
+	}
+	c->lock_fd = cli_lock_name(name, c->paths.pid);
+	if (c->lock_fd < 0) {
+		vmig_err_set(err, -EEXIST, "a VM named '%s' already runs on this host", name);
+		return -EEXIST;
+	}
+	cli_write_pid(c->lock_fd);
+	if (c->tmp_log && rename(c->tmp_log, c->paths.log) < 0)
+		vmig_log(VMIG_LOG_WARN, "cannot rename %s: %s", c->tmp_log, strerror(errno));
+	return 0;
+}
+
+static void progress(void *arg, uint64_t iteration, uint64_t bytes)
+{
+	char b[32];
+
+	(void)arg;
+	vmig_size_format(bytes, b, sizeof(b));
+	vmig_log(VMIG_LOG_INFO, "iteration %llu received, %s so far",
+		 (unsigned long long)iteration, b);
+}
+
+/* Receive, then serve the VM.  Runs in the (possibly detached) VMM process. */
+static int receive_and_serve(const struct in_opts *o, const char *tmp_log)
+{
+	struct claim_ctx claim = { .lock_fd = -1, .tmp_log = tmp_log };
+	struct vmig_dst_params dp = {
+		.name = o->name,
+		.live = !o->file,
+		.paused = o->paused,
+		.resume = o->resume,
+		.claim = claim_name,
+		.claim_arg = &claim,
+		.progress = progress,
+	};
+	struct vmig_err err = { 0 };
+	struct vmig_listener *l = NULL;
+	struct vmig_transport *t = NULL;
+	struct vmig_vm *vm = NULL;
+	char msg[4096 + 512];
+	int sig_fd, listen_fd = -1, ret, code = VMIG_EXIT_ERROR;
+
+	sig_fd = cli_block_signals();
+	if (sig_fd < 0) {
+		snprintf(msg, sizeof(msg), "cannot set up signal handling");
+		goto fail_msg;
+	}
+	dp.console_fd = o->stdio ? STDERR_FILENO : STDOUT_FILENO;
+	if (o->file) {
+		ret = vmig_transport_open_file(o->file, false, &t, &err);
+	} else if (o->stdio) {
+		ret = vmig_transport_from_fds(STDIN_FILENO, STDOUT_FILENO, &t);
+		if (ret)
+			vmig_err_set(&err, ret, "cannot use stdin/stdout: %s", strerror(-ret));
+	} else {
+		ret = vmig_transport_listen(o->listen, &l, &err);
+		if (!ret) {
+			if (o->notify_fd >= 0)
+				cli_notify_parent(o->notify_fd, "");
+			else
+				fprintf(stderr, "vmig: waiting for a migration on %s\n", o->listen);
+			ret = vmig_transport_accept(l, -1, &t, &err);
+			vmig_listener_close(l);
+		}
+	}
+	if (ret) {
+		snprintf(msg, sizeof(msg), "%s", err.msg[0] ? err.msg : strerror(-ret));
+		goto fail_msg;
+	}
+	ret = vmig_migrate_dst_run(t, &dp, &vm, &err);
+	vmig_transport_close(t);
+	if (ret) {
+		snprintf(msg, sizeof(msg), "%s", err.msg[0] ? err.msg : strerror(-ret));
+		goto fail_msg;
+	}
+	ret = vmig_ctl_listen(claim.paths.sock, &listen_fd);
+	if (ret) {
+		/* The VM runs here now: keep it, without a control socket. */
+		fprintf(stderr, "vmig: cannot listen on %s: %s\n", claim.paths.sock, strerror(-ret));
+	}
+	if (o->notify_fd >= 0 && o->file)
+		cli_notify_parent(o->notify_fd, "");
+	fprintf(stderr, "vmig: VM '%s' %s here (%s); control socket %s\n",
+		vmig_vm_config(vm)->name, o->file ? "restored" : "arrived",
+		vmig_vm_state_name(vmig_vm_state(vm)), claim.paths.sock);
+	if (o->stdio) {
+		/* Outlive the SSH session that started us. */
+		int null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+
+		signal(SIGHUP, SIG_IGN);
+		if (null_fd >= 0) {
+			dup2(null_fd, STDIN_FILENO);
+			dup2(null_fd, STDOUT_FILENO);
+			close(null_fd);
+		}
+	}
+	code = cli_control_serve(vm, listen_fd, sig_fd);
+	goto out;
+
+fail_msg:
+	if (o->notify_fd >= 0)
+		cli_notify_parent(o->notify_fd, msg);
+	cli_error("%s", msg);
+out:
+	if (listen_fd >= 0) {
+		unlink(claim.paths.sock);
+		close(listen_fd);
+	}
+	vmig_vm_destroy(vm);
+	if (claim.lock_fd >= 0) {
+		unlink(claim.paths.pid);
+		close(claim.lock_fd);
+	}
+	if (sig_fd >= 0)
+		close(sig_fd);
+	return code;
+}
+
+static int run_detached(struct in_opts *o)
+{
+	char dir[4096], log[4200], msg[1024];
+	int pipefd[2], status;
+	size_t len = 0;
+	ssize_t n;
+	pid_t child;
+
+	if (vmig_rundir_get(dir, sizeof(dir)) < 0 || vmig_rundir_ensure(dir) < 0) {
+		cli_error("no usable run directory: set VMIG_RUN_DIR or XDG_RUNTIME_DIR");
+		return VMIG_EXIT_ERROR;
+	}
+	if (pipe2(pipefd, O_CLOEXEC) < 0) {
+		cli_error("pipe: %s", strerror(errno));
+		return VMIG_EXIT_ERROR;
+	}
+	fflush(NULL);
+	child = fork();
+	if (child < 0) {
+		cli_error("fork: %s", strerror(errno));
+		return VMIG_EXIT_ERROR;
+	}
+	if (child == 0) {
+		int null_fd, log_fd;
+
+		close(pipefd[0]);
+		setsid();
+		snprintf(log, sizeof(log), "%s/%s.%d.log", dir, o->cmd, (int)getpid());
+		null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+		log_fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+		if (null_fd < 0 || log_fd < 0) {
+			cli_notify_parent(pipefd[1], "cannot open a log file in the run directory");
+			_exit(VMIG_EXIT_ERROR);
+		}
+		dup2(null_fd, STDIN_FILENO);
+		dup2(log_fd, STDOUT_FILENO);
+		dup2(log_fd, STDERR_FILENO);
+		close(null_fd);
+		close(log_fd);
+		o->notify_fd = pipefd[1];
+		_exit(receive_and_serve(o, log));
+	}
+	close(pipefd[1]);
+	while (len < sizeof(msg) - 1) {
+		n = read(pipefd[0], msg + len, sizeof(msg) - 1 - len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		len += n;
+		if (memchr(msg, 0, len))
+			break;
+	}
+	close(pipefd[0]);
+	msg[len] = 0;
+	if (len == 0 || msg[0]) {
+		cli_error("%s", len ? msg : "the receiving process exited during start-up");
+		waitpid(child, &status, 0);
+		return VMIG_EXIT_ERROR;
+	}
+	if (o->file)
+		printf("VM restored from %s (pid %d)\n", o->file, (int)child);
+	else
+		printf("waiting for a migration on %s (pid %d)\n", o->listen, (int)child);
+	return VMIG_EXIT_OK;
+}
+
+static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
+{
+	static const struct option longopts[] = {
+		{ "listen", required_argument, NULL, 'l' },
+		{ "stdio",  no_argument,       NULL, 's' },
+		{ "name",   required_argument, NULL, 'n' },
+		{ "detach", no_argument,       NULL, 'd' },
+		{ "paused", no_argument,       NULL, 'p' },
+		{ "resume", no_argument,       NULL, 'r' },
+		{ "help",   no_argument,       NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *cmd = restore ? "restore" : "incoming";
+	int c;
+
+	memset(o, 0, sizeof(*o));
+	o->cmd = cmd;
+	o->notify_fd = -1;
+	optind = 1;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, "l:sn:dprh", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'l':
+			if (restore)
+				return cli_usage_error(cmd, "unknown option '--listen'");
+			o->listen = optarg;
+			break;
+		case 's':
+			if (restore)
+				return cli_usage_error(cmd, "unknown option '--stdio'");
+			o->stdio = true;
+			break;
+		case 'n':
+			if (vmig_vm_name_valid(optarg) < 0)
+				return cli_usage_error(cmd, "bad VM name '%s'", optarg);
+			o->name = optarg;
+			break;
+		case 'd':
+			o->detach = true;
+			break;
+		case 'p':
+			if (!restore)
+				return cli_usage_error(cmd, "unknown option '--paused'");
+			o->paused = true;
+			break;
+		case 'r':
+			if (!restore)
+				return cli_usage_error(cmd, "unknown option '--resume'");
+			o->resume = true;
+			break;
+		case 'h':
+			if (restore)
+				printf("Usage: vmig restore FILE [--name NAME] [--paused|--resume] [--detach]\n\n"
+				       "Start the VM saved in FILE by 'vmig save'; this process becomes its VMM.\n\n"
+				       "  -n, --name NAME   name it NAME instead of its saved name\n"
+				       "  -p, --paused      keep it paused\n"
+				       "  -r, --resume      run it even if it was paused when saved\n"
+				       "  -d, --detach      run in the background once it is restored\n");
+			else
+				printf("Usage: vmig incoming (--listen URI | --stdio) [--name NAME] [--detach]\n\n"
+				       "Receive a live migration from 'vmig migrate'; after the handoff this\n"
+				       "process is the VM's VMM.\n\n"
+				       "  -l, --listen URI  tcp://HOST:PORT or unix:PATH\n"
+				       "  -s, --stdio       the stream on stdin/stdout (started through SSH)\n"
+				       "  -n, --name NAME   name the VM NAME instead of its name on the source\n"
+				       "  -d, --detach      return once listening; the VMM goes on in the background\n");
+			exit(VMIG_EXIT_OK);
+		case ':':
+			return cli_usage_error(cmd, "option '%s' needs a value", argv[optind - 1]);
+		default:
+			return cli_usage_error(cmd, "unknown option '%s'", argv[optind - 1]);
+		}
+	}
+	if (restore) {
+		if (argc - optind != 1)
+			return cli_usage_error(cmd, argc - optind < 1 ? "missing FILE" :
+					       "too many arguments");
+		o->file = argv[optind];
+		if (o->paused && o->resume)
+			return cli_usage_error(cmd, "--paused and --resume exclude each other");
+	} else {
+		if (optind != argc)
+			return cli_usage_error(cmd, "too many arguments");
+		if (!!o->listen == o->stdio)
+			return cli_usage_error(cmd, "give either --listen URI or --stdio");
+		if (o->stdio && o->detach)
+			return cli_usage_error(cmd, "--stdio and --detach exclude each other");
+		if (o->listen && strncmp(o->listen, "tcp://", 6) && strncmp(o->listen, "unix:", 5))
+			return cli_usage_error(cmd, "bad --listen '%s': use tcp://HOST:PORT or "
+					       "unix:PATH", o->listen);
+	}
+	return 0;
+}
+
+int cmd_incoming(int argc, char **argv)
+{
+	struct in_opts o;
+	int ret = parse_in(argc, argv, &o, false);
+
+	if (ret)
+		return ret;
+	return o.detach ? run_detached(&o) : receive_and_serve(&o, NULL);
+}
+
+int cmd_restore(int argc, char **argv)
+{
+	struct in_opts o;
+	int ret = parse_in(argc, argv, &o, true);
+
+	if (ret)
+		return ret;
+	if (access(o.file, R_OK) < 0) {
+		cli_error("cannot read %s: %s", o.file, strerror(errno));
+		return VMIG_EXIT_ERROR;
+	}
+	return o.detach ? run_detached(&o) : receive_and_serve(&o, NULL);
+}

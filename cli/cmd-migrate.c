@@ -1,0 +1,374 @@
+/*
+ * Client side of migrations: vmig migrate, vmig save, vmig cancel.
+ *
+ * The migration runs inside the source VM's VMM process; this command
+ * asks for it over the control socket, then reads the progress events the
+ * VMM streams back on the same connection until the final result.
+ * Ctrl-C (SIGINT/SIGTERM) sends "cancel" on a second connection and keeps
+ * reading: the result says whether the cancel came in time (before
+ * COMMIT) and the VM runs here, or the migration completed anyway.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <json-c/json.h>
+
+#include "vmig/util.h"
+#include "cli.h"
+
+static volatile sig_atomic_t interrupted;
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	interrupted = 1;
+}
+
+static uint64_t ju64(struct json_object *o, const char *key)
+{
+	struct json_object *v;
+
+	return json_object_object_get_ex(o, key, &v) ? json_object_get_uint64(v) : 0;
+}
+
+static const char *jstr(struct json_object *o, const char *key, const char *dflt)
+{
+	struct json_object *v;
+
+	return json_object_object_get_ex(o, key, &v) ? json_object_get_string(v) : dflt;
+}
+
+static void fmt_rate(uint64_t bps, char *buf, size_t len)
+{
+	char s[24];
+
+	vmig_size_format(bps, s, sizeof(s));
+	snprintf(buf, len, "%s/s", s);
+}
+
+static void print_progress(struct json_object *ev, bool tty)
+{
+	char sent[32], rem[32], bw[40], eta[32];
+
+	vmig_size_format(ju64(ev, "transferred_bytes"), sent, sizeof(sent));
+	vmig_size_format(ju64(ev, "remaining_bytes"), rem, sizeof(rem));
+	fmt_rate(ju64(ev, "bandwidth_bps"), bw, sizeof(bw));
+	vmig_duration_format(ju64(ev, "eta_ms"), eta, sizeof(eta));
+	fprintf(stderr, "%siter %" PRIu64 "  sent %s  remaining %s  dirty %" PRIu64
+		" pages/s  %s  expected downtime %" PRIu64 " ms  eta %s%s",
+		tty ? "\r\033[K" : "", ju64(ev, "iteration"), sent, rem,
+		ju64(ev, "dirty_rate_pps"), bw, ju64(ev, "expected_downtime_ms"),
+		ju64(ev, "eta_ms") ? eta : "-", tty ? "" : "\n");
+}
+
+static void print_summary(struct json_object *ev, const char *what)
+{
+	struct json_object *pages;
+	char total[32], bytes[32];
+
+	vmig_duration_format(ju64(ev, "total_time_ms"), total, sizeof(total));
+	vmig_size_format(ju64(ev, "transferred_bytes"), bytes, sizeof(bytes));
+	printf("%s %s in %s: downtime %" PRIu64 " ms, %s sent in %" PRIu64 " iteration%s",
+	       what, jstr(ev, "status", "?"), total, ju64(ev, "downtime_ms"), bytes,
+	       ju64(ev, "iterations"), ju64(ev, "iterations") == 1 ? "" : "s");
+	if (json_object_object_get_ex(ev, "pages", &pages))
+		printf("; pages: %" PRIu64 " zero, %" PRIu64 " raw, %" PRIu64 " lz4",
+		       ju64(pages, "zero"), ju64(pages, "raw"), ju64(pages, "lz4"));
+	printf("\n");
+}
+
+/*
+ * Send @req (consumed) to VM @name and follow its events to the result.
+ * Returns the exit code.
+ */
+static int follow(const char *name, struct json_object *req, bool json, const char *what)
+{
+	struct vmig_ctl_reader rd;
+	struct json_object *msg = NULL;
+	struct sigaction sa;
+	char path[4096];
+	const char *err = NULL;
+	bool tty = isatty(STDERR_FILENO) && !json, cancel_sent = false, progress_shown = false;
+	int fd, ret, code = VMIG_EXIT_ERROR;
+
+	if (cli_vm_path(name, "sock", path, sizeof(path)) < 0) {
+		json_object_put(req);
+		return VMIG_EXIT_ERROR;
+	}
+	ret = vmig_ctl_connect(path, &fd);
+	if (ret < 0) {
+		json_object_put(req);
+		if (ret == -ENOENT || ret == -ECONNREFUSED)
+			cli_error("no VM named '%s' is running (nothing answers at %s)", name, path);
+		else
+			cli_error("cannot talk to VM '%s': %s", name, strerror(-ret));
+		return VMIG_EXIT_ERROR;
+	}
+	ret = vmig_ctl_send(fd, req);
+	json_object_put(req);
+	if (ret < 0) {
+		cli_error("cannot talk to VM '%s': %s", name, strerror(-ret));
+		close(fd);
+		return VMIG_EXIT_ERROR;
+	}
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_signal;     /* no SA_RESTART: reads return EINTR */
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+
+	vmig_ctl_reader_init(&rd, fd);
+	ret = vmig_ctl_recv(&rd, &msg);
+	if (ret == 0 && vmig_ctl_reply_status(msg, &err) < 0) {
+		cli_error("%s: %s", name, err ? err : "refused");
+		goto out;
+	}
+	if (ret < 0) {
+		cli_error("VM '%s' closed the control connection: %s", name, strerror(-ret));
+		goto out;
+	}
+	for (;;) {
+		const char *ev;
+
+		json_object_put(msg);
+		msg = NULL;
+		if (interrupted && !cancel_sent) {
+			struct json_object *r = NULL;
+
+			fprintf(stderr, "%svmig: cancelling the %s of '%s'...\n",
+				progress_shown && tty ? "\n" : "", what, name);
+			vmig_ctl_call(path, vmig_ctl_request("cancel"), &r);
+			json_object_put(r);
+			cancel_sent = true;
+		}
+		ret = vmig_ctl_recv(&rd, &msg);
+		if (ret == -EINTR)
+			continue;
+		if (ret < 0) {
+			cli_error("lost VM '%s' during the %s: %s", name, what, strerror(-ret));
+			goto out;
+		}
+		ev = jstr(msg, "event", "");
+		if (!strcmp(ev, "progress")) {
+			if (!json) {
+				print_progress(msg, tty);
+				progress_shown = true;
+			}
+			continue;
+		}
+		if (strcmp(ev, "result"))
+			continue;
+		if (progress_shown && tty)
+			fputc('\n', stderr);
+		json_object_object_del(msg, "event");
+		if (json)
+			printf("%s\n", json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN));
+		else
+			print_summary(msg, what);
+		if (!strcmp(jstr(msg, "status", ""), "completed")) {
+			code = VMIG_EXIT_OK;
+		} else {
+			const char *st = jstr(msg, "status", "");
+
+			cli_error("%s %s%s%s", what, st, jstr(msg, "error", NULL) ? ": " : "",
+				  jstr(msg, "error", ""));
+			if (!strcmp(st, "handoff-uncertain"))
+				fprintf(stderr, "The VM is paused on this host and may run on the "
+					"destination.  Check there with 'vmig status'; then run "
+					"'vmig resume --force %s' here if it does not run there, "
+					"or 'vmig stop %s' if it does.\n", name, name);
+			else
+				fprintf(stderr, "VM '%s' keeps running on this host.\n", name);
+		}
+		break;
+	}
+out:
+	json_object_put(msg);
+	vmig_ctl_reader_fini(&rd);
+	close(fd);
+	return code;
+}
+
+static int parse_u32(const char *cmd, const char *opt, const char *s, uint32_t *out)
+{
+	char *end;
+	unsigned long v;
+
+	errno = 0;
+	v = strtoul(s, &end, 10);
+	if (errno || *end || !*s || *s == '-' || v > UINT32_MAX)
+		return cli_usage_error(cmd, "bad %s '%s': give a whole number", opt, s);
+	*out = (uint32_t)v;
+	return 0;
+}
+
+int cmd_migrate(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "max-downtime", required_argument, NULL, 'D' },
+		{ "timeout",      required_argument, NULL, 't' },
+		{ "on-timeout",   required_argument, NULL, 'o' },
+		{ "no-compress",  no_argument,       NULL, 'n' },
+		{ "resume",       no_argument,       NULL, 'r' },
+		{ "json",         no_argument,       NULL, 'j' },
+		{ "help",         no_argument,       NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	uint32_t downtime = 300, timeout = 0;
+	const char *on_timeout = "cancel";
+	bool json = false, compress = true, resume = false;
+	struct json_object *req;
+	int c, ret;
+
+	optind = 1;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, "D:t:o:nrjh", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'D':
+			ret = parse_u32("migrate", "--max-downtime", optarg, &downtime);
+			if (ret)
+				return ret;
+			if (!downtime)
+				return cli_usage_error("migrate", "--max-downtime must be at least 1 ms");
+			break;
+		case 't':
+			ret = parse_u32("migrate", "--timeout", optarg, &timeout);
+			if (ret)
+				return ret;
+			break;
+		case 'o':
+			if (strcmp(optarg, "cancel") && strcmp(optarg, "force"))
+				return cli_usage_error("migrate", "bad --on-timeout '%s': use "
+						       "cancel or force", optarg);
+			on_timeout = optarg;
+			break;
+		case 'n':
+			compress = false;
+			break;
+		case 'r':
+			resume = true;
+			break;
+		case 'j':
+			json = true;
+			break;
+		case 'h':
+			printf("Usage: vmig migrate NAME URI [--max-downtime MS] [--timeout S "
+			       "--on-timeout cancel|force]\n"
+			       "                    [--no-compress] [--resume] [--json]\n\n"
+			       "Live-migrate VM NAME to a 'vmig incoming' listening at URI\n"
+			       "(tcp://HOST:PORT or unix:PATH).  Ctrl-C cancels: the VM keeps running here.\n\n"
+			       "  -D, --max-downtime MS  pause the guest at most about this long (default 300)\n"
+			       "  -t, --timeout S        act if not converged after S seconds (default: never)\n"
+			       "  -o, --on-timeout WHAT  cancel (default) or force the switchover\n"
+			       "  -n, --no-compress      send pages raw instead of lz4\n"
+			       "  -r, --resume           a paused VM runs on arrival\n"
+			       "  -j, --json             print one JSON object with the result\n");
+			return VMIG_EXIT_OK;
+		case ':':
+			return cli_usage_error("migrate", "option '%s' needs a value", argv[optind - 1]);
+		default:
+			return cli_usage_error("migrate", "unknown option '%s'", argv[optind - 1]);
+		}
+	}
+	if (argc - optind != 2)
+		return cli_usage_error("migrate", argc - optind < 2 ? "need NAME and URI" :
+				       "too many arguments");
+	if (strncmp(argv[optind + 1], "tcp://", 6) && strncmp(argv[optind + 1], "unix:", 5))
+		return cli_usage_error("migrate", "bad URI '%s': use tcp://HOST:PORT or unix:PATH "
+				       "(to write a file, use vmig save)", argv[optind + 1]);
+	req = vmig_ctl_request("migrate");
+	json_object_object_add(req, "uri", json_object_new_string(argv[optind + 1]));
+	json_object_object_add(req, "max_downtime_ms", json_object_new_int64(downtime));
+	json_object_object_add(req, "timeout_s", json_object_new_int64(timeout));
+	json_object_object_add(req, "on_timeout", json_object_new_string(on_timeout));
+	json_object_object_add(req, "compress", json_object_new_boolean(compress));
+	json_object_object_add(req, "resume", json_object_new_boolean(resume));
+	return follow(argv[optind], req, json, "migration");
+}
+
+int cmd_save(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "keep-running", no_argument, NULL, 'k' },
+		{ "json",         no_argument, NULL, 'j' },
+		{ "help",         no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	bool json = false, keep = false;
+	struct json_object *req;
+	char dir[PATH_MAX], *d, *b, full[PATH_MAX * 2 + 2];
+	int c;
+
+	optind = 1;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, "kjh", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'k':
+			keep = true;
+			break;
+		case 'j':
+			json = true;
+			break;
+		case 'h':
+			printf("Usage: vmig save NAME FILE [--keep-running] [--json]\n\n"
+			       "Pause VM NAME, write its memory and state to FILE (the stream format,\n"
+			       "vmig-stream(5)) and stop it; 'vmig restore FILE' brings it back.\n\n"
+			       "  -k, --keep-running   resume the VM after saving instead of stopping it\n"
+			       "  -j, --json           print one JSON object with the result\n");
+			return VMIG_EXIT_OK;
+		default:
+			return cli_usage_error("save", "unknown option '%s'", argv[optind - 1]);
+		}
+	}
+	if (argc - optind != 2)
+		return cli_usage_error("save", argc - optind < 2 ? "need NAME and FILE" :
+				       "too many arguments");
+	/* The VMM has its own working directory: give it an absolute path. */
+	snprintf(dir, sizeof(dir), "%s", argv[optind + 1]);
+	d = dirname(dir);
+	{
+		char real[PATH_MAX], base[PATH_MAX];
+
+		if (!realpath(d, real)) {
+			cli_error("cannot save to %s: %s: %s", argv[optind + 1], d, strerror(errno));
+			return VMIG_EXIT_ERROR;
+		}
+		snprintf(base, sizeof(base), "%s", argv[optind + 1]);
+		b = basename(base);
+		snprintf(full, sizeof(full), "%s/%s", real, b);
+	}
+	req = vmig_ctl_request("save");
+	json_object_object_add(req, "path", json_object_new_string(full));
+	json_object_object_add(req, "keep_running", json_object_new_boolean(keep));
+	return follow(argv[optind], req, json, "save");
+}
+
+int cmd_cancel(int argc, char **argv)
+{
+	struct json_object *reply;
+
+	if (argc == 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
+		printf("Usage: vmig cancel NAME\n\nCancel VM NAME's migration or save; "
+		       "before the handoff commits, the VM keeps running here.\n");
+		return VMIG_EXIT_OK;
+	}
+	if (argc != 2)
+		return cli_usage_error("cancel", argc < 2 ? "missing VM NAME" : "too many arguments");
+	if (argv[1][0] == '-')
+		return cli_usage_error("cancel", "unknown option '%s'", argv[1]);
+	if (cli_vm_call(argv[1], "cancel", &reply) < 0)
+		return VMIG_EXIT_ERROR;
+	json_object_put(reply);
+	printf("cancel requested for VM '%s'\n", argv[1]);
+	return VMIG_EXIT_OK;
+}

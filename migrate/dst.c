@@ -1,0 +1,337 @@
+/*
+ * The destination side: read a stream, build the VM it describes, load it,
+ * and take part in the handoff.
+ *
+ * Nothing from the stream is trusted: the codec checks framing, checksums
+ * and page addresses; CONFIG is checked against the layout this vmig
+ * builds and the host's CPU features before any memory is committed;
+ * every state section is checked for name, version and size on load.  Any
+ * error before COMMIT discards the half-built VM (its memory, fds and
+ * threads) and tells the source why (NACK), so the source resumes.
+ *
+ * Order: CONFIG, then PAGES/ITER_END in any number, STATE sections, then
+ * SWITCHOVER.  Live: READY (after loading and checking everything), wait
+ * for COMMIT, start the vCPUs, RUNNING.  File: END, end of file.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include <json-c/json.h>
+
+#include "vmig/stream.h"
+#include "vmig/transport.h"
+#include "vmig/vm.h"
+#include "migrate-internal.h"
+
+#define DST_IO_TIMEOUT_MS 60000
+#define MAX_SECTIONS      (64u * VMIG_VM_MAX_VCPUS + 64u)
+
+struct section {
+	char name[VMIG_STREAM_STATE_NAME_MAX + 1];
+	uint16_t version;
+	uint32_t instance;
+	void *data;
+	size_t len;
+};
+
+struct dst {
+	struct vmig_transport *t;
+	struct vmig_stream_reader *r;
+	struct vmig_stream_writer *w;      /* replies; NULL for a file */
+	struct vmig_vm *vm;
+	struct vmig__config cfg;
+	struct section *sec;
+	size_t nr_sec;
+	struct vmig_err *err;
+};
+
+static void free_sections(struct dst *d)
+{
+	size_t i;
+
+	for (i = 0; i < d->nr_sec; i++)
+		free(d->sec[i].data);
+	free(d->sec);
+	d->sec = NULL;
+	d->nr_sec = 0;
+}
+
+static int add_section(struct dst *d, const struct vmig_stream_state *st)
+{
+	struct section *s;
+	size_t i;
+
+	for (i = 0; i < d->nr_sec; i++)
+		if (d->sec[i].instance == st->instance && !strcmp(d->sec[i].name, st->name)) {
+			vmig_err_set(d->err, -EPROTO, "state section %s/%u arrived twice",
+				     st->name, st->instance);
+			return -EPROTO;
+		}
+	if (d->nr_sec == MAX_SECTIONS) {
+		vmig_err_set(d->err, -EPROTO, "more than %u state sections", MAX_SECTIONS);
+		return -EPROTO;
+	}
+	if (!d->sec) {
+		d->sec = calloc(MAX_SECTIONS, sizeof(*d->sec));
+		if (!d->sec)
+			return -ENOMEM;
+	}
+	s = &d->sec[d->nr_sec];
+	snprintf(s->name, sizeof(s->name), "%s", st->name);
+	s->version = st->version;
+	s->instance = st->instance;
+	s->len = st->len;
+	s->data = malloc(st->len ? st->len : 1);
+	if (!s->data)
+		return -ENOMEM;
+	memcpy(s->data, st->data, st->len);
+	d->nr_sec++;
+	return 0;
+}
+
+static int load_state(struct dst *d)
+{
+	struct vmig_state_section *s = calloc(d->nr_sec ? d->nr_sec : 1, sizeof(*s));
+	size_t i;
+	int ret;
+
+	if (!s)
+		return -ENOMEM;
+	for (i = 0; i < d->nr_sec; i++)
+		s[i] = (struct vmig_state_section){ d->sec[i].name, d->sec[i].version,
+						    d->sec[i].instance, d->sec[i].data,
+						    d->sec[i].len };
+	ret = vmig_vm_state_load(d->vm, s, d->nr_sec, d->err);
+	free(s);
+	return ret;
+}
+
+static int read_config(struct dst *d, const struct vmig_dst_params *p)
+{
+	struct vmig_vm_config vc = { 0 };
+	struct json_object *o = NULL;
+	struct vmig_record rec;
+	int ret;
+
+	ret = vmig_stream_read_header(d->r, d->err);
+	if (ret)
+		return ret;
+	ret = vmig_stream_read_record(d->r, &rec, d->err);
+	if (ret)
+		return ret;
+	if (rec.type != VMIG_REC_CONFIG) {
+		vmig_err_set(d->err, -EPROTO, "the stream starts with %s, not CONFIG",
+			     vmig_stream_rec_name(rec.type));
+		return -EPROTO;
+	}
+	ret = vmig_stream_parse_config(&rec, &o, d->err);
+	if (!ret)
+		ret = vmig__config_parse(o, &d->cfg, d->err);
+	if (!ret)
+		ret = vmig__config_check_host(o, d->err);
+	json_object_put(o);
+	if (ret)
+		return ret;
+	if (p->name) {
+		if (vmig_vm_name_valid(p->name) < 0) {
+			vmig_err_set(d->err, -EINVAL, "bad VM name '%s'", p->name);
+			return -EINVAL;
+		}
+		snprintf(d->cfg.name, sizeof(d->cfg.name), "%s", p->name);
+	}
+	if (p->claim) {
+		ret = p->claim(p->claim_arg, d->cfg.name, d->err);
+		if (ret)
+			return ret;
+	}
+	vc.name = d->cfg.name;
+	vc.mem_size = d->cfg.mem_size;
+	vc.nr_vcpus = d->cfg.nr_vcpus;
+	vc.workload = d->cfg.has_workload ? d->cfg.workload : NULL;
+	vc.console_fd = p->console_fd;
+	vc.incoming = true;
+	ret = vmig_vm_create(&vc, &d->vm, d->err);
+	if (ret)
+		return ret;
+	return 0;
+}
+
+static int receive(struct dst *d, const struct vmig_dst_params *p)
+{
+	const struct vmig_mem_region *regions;
+	unsigned int nr = vmig_vm_regions(d->vm, &regions);
+	struct vmig_stream_state st;
+	struct vmig_stream_stats rs;
+	struct vmig_record rec;
+	uint64_t iter, pages;
+	char msg[512];
+	int ret, e;
+
+	for (;;) {
+		ret = vmig_stream_read_record(d->r, &rec, d->err);
+		if (ret)
+			return ret;
+		switch (rec.type) {
+		case VMIG_REC_PAGES:
+			ret = vmig_stream_pages_apply_regions(&rec, regions, nr, d->err);
+			break;
+		case VMIG_REC_ITER_END:
+			ret = vmig_stream_parse_iter_end(&rec, &iter, &pages, d->err);
+			if (!ret && p->progress) {
+				vmig_stream_reader_stats(d->r, &rs);
+				p->progress(p->progress_arg, iter, rs.bytes);
+			}
+			break;
+		case VMIG_REC_STATE:
+			ret = vmig_stream_parse_state(&rec, &st, d->err);
+			if (!ret)
+				ret = add_section(d, &st);
+			break;
+		case VMIG_REC_SWITCHOVER:
+			vmig_log(VMIG_LOG_DEBUG, "SWITCHOVER received at %" PRIu64 " us", vmig__now_ns() / 1000);
+			return 0;
+		case VMIG_REC_ERROR:
+			ret = vmig_stream_parse_error(&rec, &e, msg, sizeof(msg), d->err);
+			if (!ret) {
+				vmig_err_set(d->err, e ? e : -ECANCELED,
+					     "the source ended the migration: %s", msg);
+				ret = e ? e : -ECANCELED;
+			}
+			break;
+		default:
+			vmig_err_set(d->err, -EPROTO, "unexpected %s record at offset %" PRIu64
+				     " before the switchover",
+				     vmig_stream_rec_name(rec.type), rec.offset);
+			ret = -EPROTO;
+		}
+		if (ret)
+			return ret;
+	}
+}
+
+static int start_vm(struct dst *d, const struct vmig_dst_params *p)
+{
+	bool run = d->cfg.running || d->cfg.resume || p->resume;
+
+	if (p->paused)
+		run = false;
+	return run ? vmig_vm_start(d->vm, d->err) : vmig_vm_start_paused(d->vm, d->err);
+}
+
+int vmig_migrate_dst_run(struct vmig_transport *t, const struct vmig_dst_params *p,
+			 struct vmig_vm **out, struct vmig_err *err)
+{
+	struct dst d = { .t = t, .err = err };
+	struct vmig_record rec;
+	bool committed = false;
+	int ret;
+
+	*out = NULL;
+	vmig_transport_set_timeout(t, DST_IO_TIMEOUT_MS);
+	ret = vmig_stream_reader_create(t, VMIG_STREAM_FORWARD, &d.r);
+	if (ret)
+		return ret;
+	if (p->live) {
+		/* Replies go back on the same connection, refusals included. */
+		ret = vmig_stream_writer_create(t, VMIG_STREAM_REVERSE, &d.w);
+		if (!ret)
+			ret = vmig_stream_write_header(d.w);
+		if (ret) {
+			vmig_err_set(err, ret, "cannot answer the source: %s", strerror(-ret));
+			goto fail;
+		}
+	}
+	ret = read_config(&d, p);
+	if (!ret && d.cfg.live != p->live) {
+		vmig_err_set(err, -EPROTO, p->live ? "this is a saved VM, not a live migration "
+			     "(use vmig restore)" : "this is a live migration stream, not a "
+			     "saved VM (use vmig incoming)");
+		ret = -EPROTO;
+	}
+	if (!ret)
+		ret = receive(&d, p);
+	if (!ret)
+		ret = load_state(&d);
+	vmig_log(VMIG_LOG_DEBUG, "state loaded (%d) at %" PRIu64 " us", ret, vmig__now_ns() / 1000);
+	if (!ret && d.vm) {
+		struct vmig_guest_progress gp;
+
+		/* Cheap sanity: a built-in guest's status page must have come along. */
+		if (d.cfg.has_workload && vmig_guest_progress(d.vm, &gp) == 0 && !gp.present &&
+		    d.cfg.running)
+			vmig_log(VMIG_LOG_INFO, "the guest had not set up its status page yet");
+	}
+	if (ret)
+		goto fail;
+
+	if (!d.cfg.live) {
+		ret = vmig_stream_read_record(d.r, &rec, err);
+		if (!ret && rec.type != VMIG_REC_END) {
+			vmig_err_set(err, -EPROTO, "expected END after the switchover, got %s",
+				     vmig_stream_rec_name(rec.type));
+			ret = -EPROTO;
+		}
+		if (!ret)
+			ret = vmig_stream_expect_eof(d.r, err);
+		if (!ret)
+			ret = start_vm(&d, p);
+		if (ret)
+			goto fail;
+		goto done;
+	}
+
+	/* Everything is loaded: tell the source, then wait for its decision. */
+	ret = vmig_stream_write_record(d.w, VMIG_REC_READY, 0, NULL, 0);
+	if (!ret)
+		ret = vmig_stream_flush(d.w);
+	if (ret) {
+		vmig_err_set(err, ret, "cannot answer the source: %s", strerror(-ret));
+		goto fail;
+	}
+	ret = vmig_stream_read_record(d.r, &rec, err);
+	if (ret)
+		goto fail;
+	if (rec.type != VMIG_REC_COMMIT) {
+		vmig_err_set(err, -EPROTO, "the source answered READY with %s",
+			     vmig_stream_rec_name(rec.type));
+		ret = -EPROTO;
+		goto fail;
+	}
+	/* COMMIT: this side owns the VM now, whatever happens to the link. */
+	committed = true;
+	ret = start_vm(&d, p);
+	if (ret)
+		goto fail;
+	if (vmig_stream_write_record(d.w, VMIG_REC_RUNNING, 0, NULL, 0) ||
+	    vmig_stream_flush(d.w))
+		vmig_log(VMIG_LOG_WARN, "could not tell the source the VM runs here; "
+			 "it will report the handoff as uncertain");
+done:
+	free_sections(&d);
+	vmig_stream_reader_destroy(d.r);
+	vmig_stream_writer_destroy(d.w);
+	*out = d.vm;
+	return 0;
+
+fail:
+	if (committed)
+		vmig_log(VMIG_LOG_ERROR, "failed after COMMIT: %s", err->msg);
+	if (d.w && !committed) {
+		vmig_stream_write_error(d.w, VMIG_REC_NACK, ret, "%s",
+					err->msg[0] ? err->msg : strerror(-ret));
+		vmig_stream_flush(d.w);
+	}
+	free_sections(&d);
+	vmig_stream_reader_destroy(d.r);
+	vmig_stream_writer_destroy(d.w);
+	vmig_vm_destroy(d.vm);
+	return ret;
+}

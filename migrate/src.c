@@ -1,0 +1,782 @@
+/*
+ * The source side of a migration: pre-copy, switchover and handoff.
+ *
+ * Thread: one per migration, started by vmig_migrate_src_start() and
+ * joined by vmig_migrate_src_finish(); it alone touches the transport,
+ * the stream writer/reader and the dirty log.  The VMM's main thread reads
+ * a snapshot of the stats under m->lock and may set m->cancel.
+ *
+ * Pre-copy: iteration 1 sends every page (zero pages as a descriptor
+ * only); each later iteration sends the pages the dirty log reported since
+ * the previous sync.  In bitmap-clear mode a page's tracking is re-armed
+ * (vmig_dirtylog_clear) before the page is read, so a write that races
+ * with the send is reported again; the destination applies pages in stream
+ * order, so the later copy wins.
+ *
+ * Switchover when the expected downtime fits the limit: pages still dirty
+ * x bytes per page at the measured bandwidth, plus the fixed cost of the
+ * handoff (twice the round trip measured when connecting, the state at the
+ * measured bandwidth, and pausing).  Then: pause, final sync, last pages,
+ * state, SWITCHOVER.
+ *
+ * Handoff (exactly one copy runs): the destination loads everything and
+ * answers READY or NACK.  Before COMMIT is written every failure resumes
+ * the VM here.  Once COMMIT may have reached the wire, this side never
+ * resumes on its own: without RUNNING the status is handoff-uncertain
+ * and the VM stays paused for the admin.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <json-c/json.h>
+
+#include "vmig/dirtylog.h"
+#include "vmig/stream.h"
+#include "vmig/transport.h"
+#include "vmig/vm.h"
+#include "migrate-internal.h"
+
+#define PAGE_SIZE           4096u
+#define CONNECT_TIMEOUT_MS  10000
+#define IO_TIMEOUT_MS       30000     /* a peer silent this long is dead */
+#define REPLY_TIMEOUT_MS    60000     /* destination loading state */
+#define PROGRESS_NS         250000000ull
+#define EST_STATE_PER_VCPU  (16u << 10)
+
+struct vmig_migration {
+	struct vmig_vm *vm;
+	struct vmig_migrate_params p;
+	char *uri;
+	pthread_t thread;
+	bool thread_started;
+	int event_fd;
+	atomic_bool cancel;
+
+	pthread_mutex_t lock;
+	struct vmig_migrate_stats stats;   /* under lock */
+
+	/* Migration thread only. */
+	struct vmig_err err;
+	struct vmig_transport *t;
+	struct vmig_stream_writer *w;
+	struct vmig_stream_reader *r;
+	struct vmig_dirtylog *dl;
+	struct vmig_bitmap dirty;
+	uint64_t nr_pages;
+	uint64_t start_ns, last_progress_ns, pause_ns;
+	uint64_t rtt_ns;
+	bool is_file;
+	bool was_running;
+	bool paused_here;        /* we paused the VM */
+	bool committed;          /* COMMIT may be on the wire */
+	bool reply_header_read;  /* the reverse stream's header */
+	struct {
+		uint64_t first_page, nr_pages;
+		uint64_t gpa;
+		uint8_t *hva;
+	} regions[VMIG_VM_MAX_REGIONS];
+	unsigned int nr_regions;
+};
+
+const char *vmig_migrate_status_name(enum vmig_migrate_status s)
+{
+	switch (s) {
+	case VMIG_MIGRATE_SETUP:      return "setup";
+	case VMIG_MIGRATE_ACTIVE:     return "active";
+	case VMIG_MIGRATE_SWITCHOVER: return "switchover";
+	case VMIG_MIGRATE_COMPLETED:  return "completed";
+	case VMIG_MIGRATE_CANCELLED:  return "cancelled";
+	case VMIG_MIGRATE_FAILED:     return "failed";
+	case VMIG_MIGRATE_UNCERTAIN:  return "handoff-uncertain";
+	}
+	return "unknown";
+}
+
+bool vmig_migrate_status_final(enum vmig_migrate_status s)
+{
+	return s >= VMIG_MIGRATE_COMPLETED;
+}
+
+struct json_object *vmig_migrate_stats_json(const struct vmig_migrate_stats *s)
+{
+	struct json_object *o = json_object_new_object(), *pages;
+
+#define U64(k, v) json_object_object_add(o, k, json_object_new_uint64(v))
+	json_object_object_add(o, "status", json_object_new_string(vmig_migrate_status_name(s->status)));
+	U64("iteration", s->iteration);
+	U64("iterations", s->iteration);
+	U64("total_time_ms", s->total_ms);
+	U64("downtime_ms", s->downtime_ms);
+	U64("transferred_bytes", s->transferred_bytes);
+	U64("ram_total_bytes", s->ram_total_bytes);
+	U64("remaining_bytes", s->remaining_bytes);
+	U64("dirty_pages", s->dirty_pages);
+	U64("dirty_rate_pps", s->dirty_rate_pps);
+	U64("bandwidth_bps", s->bandwidth_bps);
+	U64("expected_downtime_ms", s->expected_downtime_ms);
+	U64("eta_ms", s->eta_ms);
+	U64("state_bytes", s->state_bytes);
+#undef U64
+	pages = json_object_new_object();
+	json_object_object_add(pages, "zero", json_object_new_uint64(s->pages_zero));
+	json_object_object_add(pages, "raw", json_object_new_uint64(s->pages_raw));
+	json_object_object_add(pages, "lz4", json_object_new_uint64(s->pages_lz4));
+	json_object_object_add(o, "pages", pages);
+	if (s->error[0])
+		json_object_object_add(o, "error", json_object_new_string(s->error));
+	return o;
+}
+
+static void notify(struct vmig_migration *m)
+{
+	uint64_t one = 1;
+
+	if (write(m->event_fd, &one, sizeof(one)) < 0)
+		vmig_log(VMIG_LOG_DEBUG, "migration eventfd: %s", strerror(errno));
+}
+
+/* Refresh the byte and page counters from the writer; publish. */
+static void publish(struct vmig_migration *m, enum vmig_migrate_status status)
+{
+	struct vmig_stream_stats ws = { 0 };
+	uint64_t now = vmig__now_ns();
+
+	pthread_mutex_lock(&m->lock);
+	m->stats.status = status;
+	m->stats.total_ms = (now - m->start_ns) / 1000000;
+	if (m->w) {
+		vmig_stream_writer_stats(m->w, &ws);
+		m->stats.transferred_bytes = ws.bytes + ws.pending;
+		m->stats.pages_zero = ws.pages_zero;
+		m->stats.pages_raw = ws.pages_raw;
+		m->stats.pages_lz4 = ws.pages_lz4;
+	}
+	pthread_mutex_unlock(&m->lock);
+	m->last_progress_ns = now;
+	notify(m);
+}
+
+static bool cancelled(struct vmig_migration *m)
+{
+	if (!atomic_load(&m->cancel))
+		return false;
+	vmig_err_set(&m->err, -ECANCELED, "cancelled");
+	return true;
+}
+
+/* The next record the destination sent (its stream header first). */
+static int read_reverse(struct vmig_migration *m, struct vmig_record *rec)
+{
+	int ret;
+
+	if (!m->reply_header_read) {
+		ret = vmig_stream_read_header(m->r, &m->err);
+		if (ret)
+			return ret;
+		m->reply_header_read = true;
+	}
+	return vmig_stream_read_record(m->r, rec, &m->err);
+}
+
+/* A reply from the destination arrived early: a NACK or a hang-up. */
+static int check_peer(struct vmig_migration *m)
+{
+	struct pollfd pfd;
+	struct vmig_record rec;
+	char msg[512];
+	int e, ret;
+
+	if (!m->r || vmig_transport_fd(m->t) < 0)
+		return 0;
+	pfd = (struct pollfd){ .fd = vmig_transport_fd(m->t), .events = POLLIN };
+	if (poll(&pfd, 1, 0) <= 0)
+		return 0;
+	if (!m->reply_header_read) {
+		/* The destination sends its stream header at once: not a reply. */
+		ret = vmig_stream_read_header(m->r, &m->err);
+		if (ret)
+			return ret;
+		m->reply_header_read = true;
+		if (poll(&pfd, 1, 0) <= 0)
+			return 0;
+	}
+	ret = read_reverse(m, &rec);
+	if (ret)
+		return ret;
+	if (rec.type == VMIG_REC_NACK &&
+	    vmig_stream_parse_error(&rec, &e, msg, sizeof(msg), &m->err) == 0) {
+		vmig_err_set(&m->err, e ? e : -EPROTO, "the destination refused: %s", msg);
+		return e ? e : -EPROTO;
+	}
+	vmig_err_set(&m->err, -EPROTO, "the destination sent %s before the switchover",
+		     vmig_stream_rec_name(rec.type) ? vmig_stream_rec_name(rec.type) : "a record");
+	return -EPROTO;
+}
+
+static int writer_error(struct vmig_migration *m, int ret)
+{
+	const struct vmig_err *we = vmig_stream_writer_err(m->w);
+
+	if (we && we->code)
+		vmig_err_set(&m->err, we->code, "%s", we->msg);
+	else
+		vmig_err_set(&m->err, ret, "writing the stream to %s: %s", m->uri, strerror(-ret));
+	return ret;
+}
+
+/*
+ * Send every page set in m->dirty, clearing the bits.  bitmap-clear:
+ * re-arm each 64-page word's tracking before reading its pages.
+ */
+static int send_dirty(struct vmig_migration *m, uint64_t *sent)
+{
+	enum vmig_compress mode = m->p.compress ? VMIG_COMPRESS_LZ4 : VMIG_COMPRESS_NONE;
+	unsigned int ri;
+	uint64_t n = 0, batches = 0;
+	int ret;
+
+	for (ri = 0; ri < m->nr_regions; ri++) {
+		uint64_t first = m->regions[ri].first_page, end = first + m->regions[ri].nr_pages;
+		uint64_t page = vmig_bitmap_next_set(&m->dirty, first);
+
+		while (page < end) {
+			uint64_t word_start = page & ~63ull, word_end = word_start + 64, p;
+
+			if (word_start < first)
+				word_start = first;
+			if (word_end > end)
+				word_end = end;
+			ret = vmig_dirtylog_clear(m->dl, word_start, word_end - word_start, &m->err);
+			if (ret)
+				return ret;
+			for (p = page; p < word_end; p++) {
+				if (!vmig_bitmap_test(&m->dirty, p))
+					continue;
+				vmig_bitmap_clear(&m->dirty, p);
+				ret = vmig_stream_add_page(m->w, m->regions[ri].gpa +
+							   (p - first) * PAGE_SIZE,
+							   m->regions[ri].hva + (p - first) * PAGE_SIZE,
+							   mode);
+				if (ret)
+					return writer_error(m, ret);
+				n++;
+			}
+			if ((n >> 10) != batches) {
+				batches = n >> 10;
+				if (cancelled(m))
+					return -ECANCELED;
+				ret = check_peer(m);
+				if (ret)
+					return ret;
+				if (vmig__now_ns() - m->last_progress_ns > PROGRESS_NS)
+					publish(m, m->stats.status);
+			}
+			page = vmig_bitmap_next_set(&m->dirty, word_end);
+		}
+	}
+	*sent = n;
+	return 0;
+}
+
+static int emit_state(void *arg, const char *name, uint16_t version, uint32_t instance,
+		      const void *data, size_t len)
+{
+	struct vmig_migration *m = arg;
+	int ret = vmig_stream_write_state(m->w, name, version, instance, data, len);
+
+	if (ret)
+		return writer_error(m, ret);
+	m->stats.state_bytes += len;
+	return 0;
+}
+
+static void mark_data_extents(struct vmig_migration *m)
+{
+	int fd = vmig_vm_mem_fd(m->vm);
+	const struct vmig_mem_region *r;
+	unsigned int i, n = vmig_vm_regions(m->vm, &r);
+
+	for (i = 0; i < n; i++) {
+		off_t pos = (off_t)r[i].offset, end = (off_t)(r[i].offset + r[i].size);
+
+		while (pos < end) {
+			off_t data = lseek(fd, pos, SEEK_DATA), hole;
+
+			if (data < 0 && errno == ENXIO)
+				break;                      /* no data up to the end */
+			if (data < 0) {                     /* no SEEK_DATA: send all */
+				vmig_bitmap_set_range(&m->dirty, m->regions[i].first_page +
+						      (pos - r[i].offset) / PAGE_SIZE,
+						      (end - pos) / PAGE_SIZE);
+				break;
+			}
+			if (data >= end)
+				break;
+			hole = lseek(fd, data, SEEK_HOLE);
+			if (hole < 0 || hole > end)
+				hole = end;
+			data &= ~(off_t)(PAGE_SIZE - 1);
+			vmig_bitmap_set_range(&m->dirty, m->regions[i].first_page +
+					      (data - r[i].offset) / PAGE_SIZE,
+					      (hole - data + PAGE_SIZE - 1) / PAGE_SIZE);
+			pos = hole;
+		}
+	}
+}
+
+/*
+ * In bitmap-clear mode with KVM_DIRTY_LOG_INITIALLY_SET every page starts
+ * out reported dirty and is only write-protected (tracked) once cleared.
+ * Iteration 1 sends the data extents only, so take that first report now
+ * and re-arm every page, holes included, before any page is read: from
+ * here on every guest write is reported by a later sync.
+ */
+static int arm_all(struct vmig_migration *m)
+{
+	struct vmig_bitmap first;
+	int ret = vmig_bitmap_init(&first, m->nr_pages);
+
+	if (ret) {
+		vmig_err_set(&m->err, ret, "out of memory for the dirty bitmap");
+		return ret;
+	}
+	ret = vmig_dirtylog_sync(m->dl, &first, &m->err);
+	if (!ret)
+		ret = vmig_dirtylog_clear(m->dl, 0, m->nr_pages, &m->err);
+	vmig_bitmap_fini(&first);
+	return ret;
+}
+
+static int setup(struct vmig_migration *m)
+{
+	const struct vmig_mem_region *r;
+	struct json_object *cfg;
+	struct vmig_uri uri;
+	uint64_t t0, first = 0;
+	unsigned int i;
+	int ret;
+
+	ret = vmig_transport_parse_uri(m->uri, &uri, &m->err);
+	if (ret)
+		return ret;
+	m->is_file = uri.kind == VMIG_URI_FILE;
+	t0 = vmig__now_ns();
+	if (m->is_file)
+		ret = vmig_transport_open_file(uri.path, true, &m->t, &m->err);
+	else
+		ret = vmig_transport_connect(m->uri, CONNECT_TIMEOUT_MS, &m->t, &m->err);
+	if (ret)
+		return ret;
+	m->rtt_ns = vmig__now_ns() - t0;
+	vmig_transport_set_timeout(m->t, IO_TIMEOUT_MS);
+	ret = vmig_stream_writer_create(m->t, VMIG_STREAM_FORWARD, &m->w);
+	if (!ret && !m->is_file)
+		ret = vmig_stream_reader_create(m->t, VMIG_STREAM_REVERSE, &m->r);
+	if (ret) {
+		vmig_err_set(&m->err, ret, "out of memory");
+		return ret;
+	}
+
+	m->nr_regions = vmig_vm_regions(m->vm, &r);
+	for (i = 0; i < m->nr_regions; i++) {
+		m->regions[i].first_page = first;
+		m->regions[i].nr_pages = r[i].size / PAGE_SIZE;
+		m->regions[i].gpa = r[i].gpa;
+		m->regions[i].hva = r[i].hva;
+		first += r[i].size / PAGE_SIZE;
+	}
+	m->nr_pages = first;
+	m->stats.ram_total_bytes = first * PAGE_SIZE;
+	ret = vmig_bitmap_init(&m->dirty, m->nr_pages);
+	if (ret) {
+		vmig_err_set(&m->err, ret, "out of memory for the dirty bitmap");
+		return ret;
+	}
+	/*
+	 * Iteration 1 sends everything that was ever written.  The
+	 * destination's RAM starts zeroed, so the memfd's holes (RAM the guest
+	 * never touched) need no page at all, and are never read: reading
+	 * them would allocate them here.
+	 */
+	mark_data_extents(m);
+
+	ret = vmig_dirtylog_create(m->vm, VMIG_DIRTYLOG_AUTO, &m->dl, &m->err);
+	if (!ret)
+		ret = vmig_dirtylog_start(m->dl, &m->err);
+	if (!ret)
+		ret = arm_all(m);
+	if (ret)
+		return ret;
+
+	ret = vmig_stream_write_header(m->w);
+	if (ret)
+		return writer_error(m, ret);
+	cfg = vmig__config_build(m->vm, m->was_running, m->p.resume_dst, !m->is_file);
+	ret = vmig_stream_write_config(m->w, cfg);
+	json_object_put(cfg);
+	if (!ret)
+		ret = vmig_stream_flush(m->w);
+	return ret ? writer_error(m, ret) : 0;
+}
+
+/* Fold a fresh sync into m->dirty; returns the dirty count. */
+static int sync_dirty(struct vmig_migration *m, uint64_t *count)
+{
+	int ret = vmig_dirtylog_sync(m->dl, &m->dirty, &m->err);
+
+	if (!ret)
+		*count = vmig_bitmap_count(&m->dirty);
+	return ret;
+}
+
+static int precopy(struct vmig_migration *m)
+{
+	uint64_t iter = 0, dirty = m->nr_pages, sent, t0, b0, dt, bytes, bpp = PAGE_SIZE;
+	uint64_t fixed_ms, deadline = m->p.timeout_s ?
+		m->start_ns + (uint64_t)m->p.timeout_s * 1000000000ull : 0;
+	struct vmig_stream_stats ws;
+	int ret;
+
+	for (;;) {
+		iter++;
+		vmig_stream_writer_stats(m->w, &ws);
+		b0 = ws.bytes + ws.pending;
+		t0 = vmig__now_ns();
+		pthread_mutex_lock(&m->lock);
+		m->stats.iteration = iter;
+		pthread_mutex_unlock(&m->lock);
+
+		ret = send_dirty(m, &sent);
+		if (!ret)
+			ret = vmig_stream_write_iter_end(m->w, iter, sent);
+		if (!ret)
+			ret = vmig_stream_flush(m->w);
+		if (ret)
+			return ret == -ECANCELED || m->err.code ? ret : writer_error(m, ret);
+
+		dt = vmig__now_ns() - t0;
+		vmig_stream_writer_stats(m->w, &ws);
+		bytes = ws.bytes + ws.pending - b0;
+		if (sent)
+			bpp = bytes / sent ? bytes / sent : 1;
+		ret = sync_dirty(m, &dirty);
+		if (ret)
+			return ret;
+		if (cancelled(m))
+			return -ECANCELED;
+
+		pthread_mutex_lock(&m->lock);
+		m->stats.dirty_pages = dirty;
+		if (dt > 1000000) {
+			m->stats.bandwidth_bps = bytes * 1000000000ull / dt;
+			m->stats.dirty_rate_pps = dirty * 1000000000ull / dt;
+		}
+		m->stats.remaining_bytes = dirty * bpp;
+		fixed_ms = 2 * m->rtt_ns / 1000000 + 2 +
+			(m->stats.bandwidth_bps ? (uint64_t)vmig_vm_nr_vcpus(m->vm) *
+			 EST_STATE_PER_VCPU * 1000 / m->stats.bandwidth_bps : 0);
+		m->stats.expected_downtime_ms = fixed_ms + (m->stats.bandwidth_bps ?
+			m->stats.remaining_bytes * 1000 / m->stats.bandwidth_bps : 0);
+		if (m->stats.bandwidth_bps > 0 && m->stats.bandwidth_bps > m->stats.dirty_rate_pps * bpp)
+			m->stats.eta_ms = m->stats.remaining_bytes * 1000 /
+				(m->stats.bandwidth_bps - m->stats.dirty_rate_pps * bpp);
+		else
+			m->stats.eta_ms = 0;
+		pthread_mutex_unlock(&m->lock);
+		publish(m, VMIG_MIGRATE_ACTIVE);
+
+		/* A paused VM (or a save) goes in one pass: nothing dirties it. */
+		if (!m->was_running || m->paused_here)
+			return 0;
+		if (m->stats.expected_downtime_ms <= m->p.max_downtime_ms)
+			return 0;
+		if (deadline && vmig__now_ns() >= deadline) {
+			if (m->p.on_timeout == VMIG_ON_TIMEOUT_FORCE) {
+				vmig_log(VMIG_LOG_WARN, "timeout: forcing the switchover with %"
+					 PRIu64 " ms expected downtime",
+					 m->stats.expected_downtime_ms);
+				return 0;
+			}
+			vmig_err_set(&m->err, -ETIMEDOUT, "did not converge within %u s "
+				     "(expected downtime %" PRIu64 " ms > limit %u ms)",
+				     m->p.timeout_s, m->stats.expected_downtime_ms,
+				     m->p.max_downtime_ms);
+			return -ETIMEDOUT;
+		}
+	}
+}
+
+/* Read one reverse record within @timeout_ms. */
+static int read_reply(struct vmig_migration *m, int timeout_ms, struct vmig_record *rec)
+{
+	vmig_transport_set_timeout(m->t, timeout_ms);
+	return read_reverse(m, rec);
+}
+
+static int switchover(struct vmig_migration *m)
+{
+	struct vmig_record rec;
+	uint64_t dirty, sent;
+	char msg[512];
+	int ret, e;
+
+	publish(m, VMIG_MIGRATE_SWITCHOVER);
+	if (vmig_vm_state(m->vm) == VMIG_VM_RUNNING) {
+		ret = vmig_vm_pause(m->vm);
+		if (ret) {
+			vmig_err_set(&m->err, ret, "the VM stopped during the migration");
+			return ret;
+		}
+		m->paused_here = true;
+		m->pause_ns = vmig__now_ns();
+	} else if (!m->pause_ns) {
+		m->pause_ns = vmig__now_ns();
+	}
+	/* Paused: every write is in the log now (dirtylog.h, rule 3). */
+	vmig_log(VMIG_LOG_DEBUG, "switchover: paused after %" PRIu64 " us",
+		 (vmig__now_ns() - m->pause_ns) / 1000);
+	ret = sync_dirty(m, &dirty);
+	if (!ret)
+		ret = send_dirty(m, &sent);
+	if (!ret)
+		ret = vmig_stream_write_iter_end(m->w, m->stats.iteration + 1, sent);
+	if (ret)
+		return m->err.code ? ret : writer_error(m, ret);
+	vmig_log(VMIG_LOG_DEBUG, "switchover: %" PRIu64 " last pages sent at %" PRIu64 " us",
+		 sent, (vmig__now_ns() - m->pause_ns) / 1000);
+	ret = vmig_vm_state_save(m->vm, emit_state, m, &m->err);
+	if (ret)
+		return ret;
+	vmig_log(VMIG_LOG_DEBUG, "switchover: state saved at %" PRIu64 " us",
+		 (vmig__now_ns() - m->pause_ns) / 1000);
+	ret = vmig_stream_write_record(m->w, VMIG_REC_SWITCHOVER, 0, NULL, 0);
+	if (ret)
+		return writer_error(m, ret);
+
+	if (m->is_file) {
+		ret = vmig_stream_finish(m->w);   /* END, fsync: a full disk shows here */
+		return ret ? writer_error(m, ret) : 0;
+	}
+	ret = vmig_stream_flush(m->w);
+	if (ret)
+		return writer_error(m, ret);
+
+	ret = read_reply(m, REPLY_TIMEOUT_MS, &rec);
+	if (ret)
+		return ret;
+	if (rec.type == VMIG_REC_NACK) {
+		if (vmig_stream_parse_error(&rec, &e, msg, sizeof(msg), &m->err) == 0)
+			vmig_err_set(&m->err, e ? e : -EPROTO, "the destination refused the VM: %s", msg);
+		return m->err.code;
+	}
+	vmig_log(VMIG_LOG_DEBUG, "switchover: %s at %" PRIu64 " us",
+		 vmig_stream_rec_name(rec.type), (vmig__now_ns() - m->pause_ns) / 1000);
+	if (rec.type != VMIG_REC_READY) {
+		vmig_err_set(&m->err, -EPROTO, "the destination answered the switchover with %s",
+			     vmig_stream_rec_name(rec.type));
+		return -EPROTO;
+	}
+	if (cancelled(m))
+		return -ECANCELED;
+
+	/* From here on this side never resumes the VM on its own. */
+	m->committed = true;
+	ret = vmig_stream_write_record(m->w, VMIG_REC_COMMIT, 0, NULL, 0);
+	if (!ret)
+		ret = vmig_stream_flush(m->w);
+	if (ret)
+		return writer_error(m, ret);
+	ret = read_reply(m, REPLY_TIMEOUT_MS, &rec);
+	if (ret)
+		return ret;
+	if (rec.type != VMIG_REC_RUNNING) {
+		vmig_err_set(&m->err, -EPROTO, "the destination answered COMMIT with %s",
+			     vmig_stream_rec_name(rec.type));
+		return -EPROTO;
+	}
+	return 0;
+}
+
+static void teardown(struct vmig_migration *m)
+{
+	struct vmig_err ignore = { 0 };
+
+	if (m->dl) {
+		vmig_dirtylog_stop(m->dl, &ignore);
+		vmig_dirtylog_destroy(m->dl);
+		m->dl = NULL;
+	}
+	vmig_stream_writer_destroy(m->w);
+	vmig_stream_reader_destroy(m->r);
+	vmig_transport_close(m->t);
+	m->w = NULL;
+	m->r = NULL;
+	m->t = NULL;
+	vmig_bitmap_fini(&m->dirty);
+}
+
+static void *migration_thread(void *arg)
+{
+	struct vmig_migration *m = arg;
+	enum vmig_migrate_status final;
+	int ret;
+
+	ret = setup(m);
+	if (!ret) {
+		publish(m, VMIG_MIGRATE_ACTIVE);
+		ret = precopy(m);
+	}
+	if (!ret)
+		ret = switchover(m);
+
+	if (!ret) {
+		final = VMIG_MIGRATE_COMPLETED;
+		pthread_mutex_lock(&m->lock);
+		m->stats.downtime_ms = (vmig__now_ns() - m->pause_ns) / 1000000;
+		pthread_mutex_unlock(&m->lock);
+		/* A save that keeps the VM: it goes on here, the file holds a copy. */
+		if (m->is_file && !m->p.stop_after && m->paused_here)
+			vmig_vm_resume(m->vm);
+	} else if (m->committed) {
+		final = VMIG_MIGRATE_UNCERTAIN;
+		vmig_err_set(&m->err, ret, "lost the destination after COMMIT");
+	} else {
+		final = ret == -ECANCELED ? VMIG_MIGRATE_CANCELLED : VMIG_MIGRATE_FAILED;
+		/* Tell the destination why, if it can still hear it. */
+		if (m->w && !m->is_file) {
+			vmig_stream_write_error(m->w, VMIG_REC_ERROR, ret, "%s",
+						m->err.msg[0] ? m->err.msg : strerror(-ret));
+			vmig_stream_flush(m->w);
+		}
+		if (m->paused_here)
+			vmig_vm_resume(m->vm);
+		if (m->is_file && m->t) {
+			/* A half-written save file is worthless: say so by removing it. */
+			struct vmig_uri u;
+
+			if (vmig_transport_parse_uri(m->uri, &u, NULL) == 0)
+				unlink(u.path);
+		}
+	}
+	publish(m, m->stats.status);   /* the writer's last counters */
+	teardown(m);
+	pthread_mutex_lock(&m->lock);
+	if (ret && !m->stats.error[0])
+		snprintf(m->stats.error, sizeof(m->stats.error), "%s",
+			 m->err.msg[0] ? m->err.msg : strerror(-ret));
+	pthread_mutex_unlock(&m->lock);
+	publish(m, final);
+	return NULL;
+}
+
+int vmig_migrate_src_start(struct vmig_vm *vm, const struct vmig_migrate_params *p,
+			   struct vmig_migration **out, struct vmig_err *err)
+{
+	struct vmig_migration *m;
+	enum vmig_vm_state st = vmig_vm_state(vm);
+	struct vmig_uri uri;
+	int ret;
+
+	*out = NULL;
+	if (st != VMIG_VM_RUNNING && st != VMIG_VM_PAUSED) {
+		vmig_err_set(err, -ESHUTDOWN, "the VM is not running");
+		return -ESHUTDOWN;
+	}
+	ret = vmig_transport_parse_uri(p->uri, &uri, err);
+	if (ret)
+		return ret;
+	if (uri.kind != VMIG_URI_TCP && uri.kind != VMIG_URI_UNIX && uri.kind != VMIG_URI_FILE) {
+		vmig_err_set(err, -EINVAL, "cannot migrate to '%s': use tcp://HOST:PORT, "
+			     "unix:PATH or file:PATH", p->uri);
+		return -EINVAL;
+	}
+	m = calloc(1, sizeof(*m));
+	if (!m)
+		return -ENOMEM;
+	m->vm = vm;
+	m->p = *p;
+	m->uri = strdup(p->uri);
+	m->p.uri = m->uri;
+	m->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	pthread_mutex_init(&m->lock, NULL);
+	m->start_ns = m->last_progress_ns = vmig__now_ns();
+	m->was_running = st == VMIG_VM_RUNNING;
+	m->stats.status = VMIG_MIGRATE_SETUP;
+	if (!m->uri || m->event_fd < 0) {
+		ret = m->uri ? -errno : -ENOMEM;
+		goto fail;
+	}
+	/* A save takes a consistent image: pause first, then one pass. */
+	if (uri.kind == VMIG_URI_FILE && m->was_running) {
+		ret = vmig_vm_pause(vm);
+		if (ret)
+			goto fail;
+		m->paused_here = true;
+		m->pause_ns = vmig__now_ns();
+	}
+	ret = -pthread_create(&m->thread, NULL, migration_thread, m);
+	if (ret) {
+		if (m->paused_here)
+			vmig_vm_resume(vm);
+		goto fail;
+	}
+	m->thread_started = true;
+	*out = m;
+	return 0;
+fail:
+	vmig_err_set(err, ret, "cannot start the migration: %s", strerror(-ret));
+	if (m->event_fd >= 0)
+		close(m->event_fd);
+	pthread_mutex_destroy(&m->lock);
+	free(m->uri);
+	free(m);
+	return ret;
+}
+
+int vmig_migrate_src_event_fd(const struct vmig_migration *m)
+{
+	return m->event_fd;
+}
+
+void vmig_migrate_src_stats(struct vmig_migration *m, struct vmig_migrate_stats *out)
+{
+	pthread_mutex_lock(&m->lock);
+	*out = m->stats;
+	if (!vmig_migrate_status_final(out->status))
+		out->total_ms = (vmig__now_ns() - m->start_ns) / 1000000;
+	pthread_mutex_unlock(&m->lock);
+}
+
+void vmig_migrate_src_cancel(struct vmig_migration *m)
+{
+	atomic_store(&m->cancel, true);
+}
+
+enum vmig_migrate_status vmig_migrate_src_finish(struct vmig_migration *m,
+						 struct vmig_migrate_stats *final)
+{
+	enum vmig_migrate_status s;
+
+	if (m->thread_started)
+		pthread_join(m->thread, NULL);
+	pthread_mutex_lock(&m->lock);
+	if (final)
+		*final = m->stats;
+	s = m->stats.status;
+	pthread_mutex_unlock(&m->lock);
+	close(m->event_fd);
+	pthread_mutex_destroy(&m->lock);
+	free(m->uri);
+	free(m);
+	return s;
+}

@@ -1,0 +1,637 @@
+/*
+ * Live migration against real KVM, engine to engine in one process: the
+ * source VM and its migration thread on one side, vmig_migrate_dst_run()
+ * building the destination VM in another thread, over real unix and TCP
+ * sockets on this host.  Two VMs in one process: KVM allows it, and it
+ * lets the test compare every page of the paused source with the
+ * destination at switchover.
+ *
+ * Also: a 4 GiB guest, save/restore through a file, a paused VM, cancel
+ * at several points, a destination that dies or refuses at several points
+ * (the source resumes; after COMMIT the handoff is uncertain and the
+ * source stays paused), and truncated or bit-flipped streams (a clear
+ * error, no VM left).
+ */
+#include "config.h"
+
+#include <fcntl.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include "vmig/guest-abi.h"
+#include "vmig/migrate.h"
+#include "vmig/stream.h"
+#include "vmig/transport.h"
+#include "vmig/vm.h"
+#include "kvm-test.h"
+
+static char tmpdir[128];
+
+static void setup(void)
+{
+	snprintf(tmpdir, sizeof(tmpdir), "/tmp/vmig-mig-XXXXXX");
+	ck_assert_ptr_nonnull(mkdtemp(tmpdir));
+}
+
+static void teardown(void)
+{
+	char cmd[200];
+
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
+	if (system(cmd) != 0)
+		fprintf(stderr, "cannot remove %s\n", tmpdir);
+}
+
+static struct vmig_vm *make_vm(uint64_t mem, unsigned int vcpus, const char *workload)
+{
+	struct vmig_vm_config cfg = {
+		.name = "mig", .mem_size = mem, .nr_vcpus = vcpus,
+		.workload = workload, .console_fd = -1,
+	};
+	struct vmig_err err = { 0 };
+	struct vmig_vm *vm = NULL;
+	int ret = vmig_vm_create(&cfg, &vm, &err);
+
+	ck_assert_msg(ret == 0, "create: %s", err.msg);
+	ret = vmig_vm_start(vm, &err);
+	ck_assert_msg(ret == 0, "start: %s", err.msg);
+	return vm;
+}
+
+static const volatile struct vmig_guest_status *gstatus(struct vmig_vm *vm)
+{
+	return vmig_vm_gpa_to_hva(vm, VMIG_GUEST_STATUS_GPA, sizeof(struct vmig_guest_status));
+}
+
+static void wait_guest(struct vmig_vm *vm, unsigned int vcpus)
+{
+	const volatile struct vmig_guest_status *st = gstatus(vm);
+	uint64_t end = kvm_test_now_ms() + 30000;
+	unsigned int i, ok;
+
+	do {
+		ok = 0;
+		if (st->magic == VMIG_GUEST_STATUS_MAGIC)
+			for (i = 0; i < vcpus; i++)
+				ok += st->vcpu[i].pages_written > 0;
+		if (ok == vcpus)
+			return;
+		kvm_test_sleep_ms(10);
+	} while (kvm_test_now_ms() < end);
+	ck_abort_msg("guest did not start: %s", vmig_vm_stop_reason(vm));
+}
+
+static uint64_t pages_written(struct vmig_vm *vm)
+{
+	struct vmig_guest_progress p;
+
+	vmig_guest_progress(vm, &p);
+	return p.pages_written;
+}
+
+/* ---- the destination, in a thread ---- */
+
+struct dst_ctx {
+	char uri[256];
+	struct vmig_listener *l;
+	bool paused;
+	bool live;
+	struct vmig_transport *t;     /* file restore: given */
+	struct vmig_vm *vm;           /* result */
+	int ret;
+	struct vmig_err err;
+	pthread_t thread;
+};
+
+static void *dst_main(void *arg)
+{
+	struct dst_ctx *d = arg;
+	struct vmig_dst_params p = { .console_fd = -1, .paused = d->paused, .live = d->live };
+	struct vmig_transport *t = d->t;
+
+	if (!t) {
+		d->ret = vmig_transport_accept(d->l, 30000, &t, &d->err);
+		if (d->ret)
+			return NULL;
+	}
+	d->ret = vmig_migrate_dst_run(t, &p, &d->vm, &d->err);
+	vmig_transport_close(t);
+	return NULL;
+}
+
+static void dst_listen(struct dst_ctx *d, bool tcp)
+{
+	struct vmig_err err = { 0 };
+	int ret;
+
+	d->live = true;
+	(void)ret;
+	if (tcp)
+		snprintf(d->uri, sizeof(d->uri), "tcp://127.0.0.1:0");
+	else
+		snprintf(d->uri, sizeof(d->uri), "unix:%s/mig.sock", tmpdir);
+	ret = vmig_transport_listen(d->uri, &d->l, &err);
+	ck_assert_msg(ret == 0, "listen %s: %s", d->uri, err.msg);
+	if (tcp)
+		snprintf(d->uri, sizeof(d->uri), "%s", vmig_listener_uri(d->l));
+	ck_assert_int_eq(pthread_create(&d->thread, NULL, dst_main, d), 0);
+}
+
+static void dst_join(struct dst_ctx *d)
+{
+	pthread_join(d->thread, NULL);
+	vmig_listener_close(d->l);
+	d->l = NULL;
+}
+
+/* ---- the source ---- */
+
+static enum vmig_migrate_status migrate(struct vmig_vm *vm, const char *uri,
+					uint32_t downtime_ms, int cancel_after_ms,
+					struct vmig_migrate_stats *st)
+{
+	struct vmig_migrate_params p = {
+		.uri = uri, .max_downtime_ms = downtime_ms, .compress = true,
+	};
+	struct vmig_err err = { 0 };
+	struct vmig_migration *m = NULL;
+	uint64_t start = kvm_test_now_ms();
+	struct pollfd pfd;
+	bool cancelled = false;
+	int ret = vmig_migrate_src_start(vm, &p, &m, &err);
+
+	ck_assert_msg(ret == 0, "migrate start: %s", err.msg);
+	pfd = (struct pollfd){ .fd = vmig_migrate_src_event_fd(m), .events = POLLIN };
+	for (;;) {
+		uint64_t v;
+
+		poll(&pfd, 1, 20);
+		if (read(pfd.fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+			ck_abort_msg("eventfd: %s", strerror(errno));
+		vmig_migrate_src_stats(m, st);
+		if (vmig_migrate_status_final(st->status))
+			break;
+		if (cancel_after_ms >= 0 && !cancelled &&
+		    kvm_test_now_ms() - start >= (uint64_t)cancel_after_ms) {
+			vmig_migrate_src_cancel(m);
+			cancelled = true;
+		}
+		ck_assert_msg(kvm_test_now_ms() - start < 120000, "migration hangs");
+	}
+	return vmig_migrate_src_finish(m, st);
+}
+
+/* Every page of @a equals @b's, read through the memfds (holes stay holes). */
+static void compare_memory(struct vmig_vm *a, struct vmig_vm *b)
+{
+	const struct vmig_mem_region *ra, *rb;
+	unsigned int n = vmig_vm_regions(a, &ra), i;
+	static uint8_t bufa[1 << 20], bufb[1 << 20];
+
+	ck_assert_uint_eq(vmig_vm_regions(b, &rb), n);
+	for (i = 0; i < n; i++) {
+		uint64_t off;
+
+		ck_assert_uint_eq(ra[i].size, rb[i].size);
+		for (off = 0; off < ra[i].size; off += sizeof(bufa)) {
+			size_t len = sizeof(bufa), p;
+
+			ck_assert_int_eq(pread(vmig_vm_mem_fd(a), bufa, len, ra[i].offset + off), len);
+			ck_assert_int_eq(pread(vmig_vm_mem_fd(b), bufb, len, rb[i].offset + off), len);
+			if (!memcmp(bufa, bufb, len))
+				continue;
+			for (p = 0; p < len; p += 4096)
+				ck_assert_msg(!memcmp(bufa + p, bufb + p, 4096),
+					      "page at gpa 0x%" PRIx64 " differs between source "
+					      "and destination", ra[i].gpa + off + p);
+		}
+	}
+}
+
+/* The destination guest continues exactly where the source stopped. */
+static void check_continues(struct vmig_vm *src, struct vmig_vm *dst, unsigned int vcpus)
+{
+	const volatile struct vmig_guest_status *s = src ? gstatus(src) : NULL, *d = gstatus(dst);
+	struct vmig_err err = { 0 };
+	unsigned int i;
+	uint64_t before[VMIG_GUEST_MAX_VCPUS];
+
+	ck_assert_int_eq(vmig_vm_state(dst), VMIG_VM_PAUSED);
+	ck_assert_msg(vmig_guest_verify(dst, &err) == 0, "destination: %s", err.msg);
+	for (i = 0; src && i < vcpus; i++) {
+		ck_assert_uint_eq(d->vcpu[i].generation, s->vcpu[i].generation);
+		ck_assert_uint_eq(d->vcpu[i].cursor, s->vcpu[i].cursor);
+		ck_assert_uint_eq(d->vcpu[i].pages_written, s->vcpu[i].pages_written);
+		ck_assert_uint_eq(d->vcpu[i].heartbeat, s->vcpu[i].heartbeat);
+	}
+	for (i = 0; i < vcpus; i++)
+		before[i] = d->vcpu[i].heartbeat;
+	ck_assert_int_eq(vmig_vm_resume(dst), 0);
+	kvm_test_sleep_ms(300);
+	/* The heartbeat counts every loop turn, even at rate=1. */
+	for (i = 0; i < vcpus; i++)
+		ck_assert_msg(d->vcpu[i].heartbeat > before[i],
+			      "vCPU %u did not continue on the destination", i);
+	ck_assert_int_eq(vmig_vm_pause(dst), 0);
+	/* No gap, no reset: the stamps still verify after running on. */
+	vmig_err_clear(&err);
+	ck_assert_msg(vmig_guest_verify(dst, &err) == 0, "after running on: %s", err.msg);
+}
+
+static void migrate_case(unsigned int vcpus, bool tcp, const char *workload)
+{
+	struct vmig_vm *src = make_vm(128 << 20, vcpus, workload);
+	struct dst_ctx d = { .paused = true };
+	struct vmig_migrate_stats st;
+	enum vmig_migrate_status s;
+
+	wait_guest(src, vcpus);
+	kvm_test_sleep_ms(200);
+	dst_listen(&d, tcp);
+	s = migrate(src, d.uri, 300, -1, &st);
+	dst_join(&d);
+	ck_assert_msg(s == VMIG_MIGRATE_COMPLETED, "status %s: %s",
+		      vmig_migrate_status_name(s), st.error);
+	ck_assert_msg(d.ret == 0, "destination: %s", d.err.msg);
+	ck_assert_int_eq(vmig_vm_state(src), VMIG_VM_PAUSED);
+	printf("%u vCPU(s) over %s, %s: %" PRIu64 " ms, downtime %" PRIu64 " ms, %" PRIu64
+	       " bytes, %" PRIu64 " iterations\n", vcpus, tcp ? "tcp" : "unix", workload,
+	       st.total_ms, st.downtime_ms, st.transferred_bytes, st.iteration);
+	compare_memory(src, d.vm);
+	check_continues(src, d.vm, vcpus);
+	vmig_vm_destroy(d.vm);
+	vmig_vm_destroy(src);
+}
+
+static const struct { unsigned int vcpus; bool tcp; const char *workload; } cases[] = {
+	{ 1, true,  "rate=1,wss=1M,quiet" },
+	{ 1, false, "rate=1,wss=1M,quiet" },
+	{ 2, true,  "rate=1,wss=1M,quiet" },
+	{ 2, false, "rate=1,wss=1M,quiet" },
+	{ 1, true,  "rate=max,wss=16M,quiet" },
+	{ 1, false, "rate=max,wss=16M,quiet" },
+	{ 2, true,  "rate=max,wss=8M,quiet" },
+	{ 2, false, "rate=max,wss=8M,quiet" },
+};
+
+START_TEST(migrates_page_exact)
+{
+	migrate_case(cases[_i].vcpus, cases[_i].tcp, cases[_i].workload);
+}
+END_TEST
+
+START_TEST(migrates_4g_guest)
+{
+	struct vmig_vm *src = make_vm(4ull << 30, 2, "rate=max,wss=4M,quiet");
+	struct dst_ctx d = { .paused = true };
+	struct vmig_migrate_stats st;
+
+	wait_guest(src, 2);
+	dst_listen(&d, true);
+	ck_assert_int_eq(migrate(src, d.uri, 300, -1, &st), VMIG_MIGRATE_COMPLETED);
+	dst_join(&d);
+	ck_assert_msg(d.ret == 0, "destination: %s", d.err.msg);
+	ck_assert_uint_eq(st.ram_total_bytes, 4ull << 30);
+	compare_memory(src, d.vm);
+	check_continues(src, d.vm, 2);
+	vmig_vm_destroy(d.vm);
+	vmig_vm_destroy(src);
+}
+END_TEST
+
+START_TEST(paused_vm_single_pass)
+{
+	struct vmig_vm *src = make_vm(64 << 20, 2, "rate=max,wss=2M,quiet");
+	struct dst_ctx d = { .paused = false };
+	struct vmig_migrate_stats st;
+	uint64_t pw;
+
+	wait_guest(src, 2);
+	ck_assert_int_eq(vmig_vm_pause(src), 0);
+	pw = pages_written(src);
+	dst_listen(&d, false);
+	ck_assert_int_eq(migrate(src, d.uri, 300, -1, &st), VMIG_MIGRATE_COMPLETED);
+	dst_join(&d);
+	ck_assert_msg(d.ret == 0, "destination: %s", d.err.msg);
+	ck_assert_uint_eq(st.iteration, 1);
+	/* It left paused, it arrives paused. */
+	ck_assert_int_eq(vmig_vm_state(d.vm), VMIG_VM_PAUSED);
+	compare_memory(src, d.vm);
+	ck_assert_uint_eq(pages_written(d.vm), pw);
+	check_continues(src, d.vm, 2);
+	vmig_vm_destroy(d.vm);
+	vmig_vm_destroy(src);
+}
+END_TEST
+
+START_TEST(save_restore_round_trip)
+{
+	struct vmig_vm *src = make_vm(64 << 20, 2, "rate=max,wss=2M,quiet");
+	struct dst_ctx d = { .paused = true, .live = false };
+	struct vmig_migrate_stats st;
+	struct vmig_err err = { 0 };
+	char uri[300], path[200];
+	struct stat sb;
+
+	wait_guest(src, 2);
+	snprintf(path, sizeof(path), "%s/vm.save", tmpdir);
+	snprintf(uri, sizeof(uri), "file:%s", path);
+	ck_assert_int_eq(migrate(src, uri, 300, -1, &st), VMIG_MIGRATE_COMPLETED);
+	ck_assert_int_eq(stat(path, &sb), 0);
+	ck_assert_uint_eq(st.transferred_bytes, (uint64_t)sb.st_size);
+	ck_assert_int_eq(vmig_transport_open_file(path, false, &d.t, &err), 0);
+	dst_main(&d);
+	ck_assert_msg(d.ret == 0, "restore: %s", d.err.msg);
+	/* A save pauses the VM; stop_after was not asked, so it runs again. */
+	ck_assert_int_eq(vmig_vm_state(src), VMIG_VM_RUNNING);
+	ck_assert_msg(pages_written(d.vm) > 0 && pages_written(d.vm) < pages_written(src),
+		      "restored counters %" PRIu64 " vs source now %" PRIu64,
+		      pages_written(d.vm), pages_written(src));
+	check_continues(NULL, d.vm, 2);
+
+	/* And a paused VM saved: the file is exactly the paused VM. */
+	vmig_vm_destroy(d.vm);
+	memset(&d, 0, sizeof(d));
+	d.paused = true;
+	ck_assert_int_eq(vmig_vm_pause(src), 0);
+	ck_assert_int_eq(migrate(src, uri, 300, -1, &st), VMIG_MIGRATE_COMPLETED);
+	ck_assert_int_eq(vmig_vm_state(src), VMIG_VM_PAUSED);
+	ck_assert_int_eq(vmig_transport_open_file(path, false, &d.t, &err), 0);
+	dst_main(&d);
+	ck_assert_msg(d.ret == 0, "restore: %s", d.err.msg);
+	compare_memory(src, d.vm);
+	check_continues(src, d.vm, 2);
+	vmig_vm_destroy(d.vm);
+	vmig_vm_destroy(src);
+}
+END_TEST
+
+START_TEST(cancel_keeps_source_running)
+{
+	static const int points[] = { 0, 30, 200, 600 };
+	struct vmig_vm *src = make_vm(256 << 20, 1, "rate=max,wss=64M,quiet");
+	unsigned int i;
+
+	wait_guest(src, 1);
+	for (i = 0; i < sizeof(points) / sizeof(points[0]); i++) {
+		struct dst_ctx d = { .paused = true };
+		struct vmig_migrate_stats st;
+		uint64_t a, b;
+
+		dst_listen(&d, i % 2);
+		/* 1 ms downtime with 64 MiB dirtied at full speed never converges. */
+		ck_assert_int_eq(migrate(src, d.uri, 1, points[i], &st), VMIG_MIGRATE_CANCELLED);
+		dst_join(&d);
+		ck_assert_msg(d.ret != 0 && !d.vm, "the destination kept a VM");
+		ck_assert_msg(strstr(d.err.msg, "cancel"), "destination's reason: %s", d.err.msg);
+		ck_assert_int_eq(vmig_vm_state(src), VMIG_VM_RUNNING);
+		a = pages_written(src);
+		kvm_test_sleep_ms(100);
+		b = pages_written(src);
+		ck_assert_msg(b > a, "source stalled after cancel at %d ms", points[i]);
+	}
+	vmig_vm_destroy(src);
+}
+END_TEST
+
+/* ---- a destination that misbehaves on purpose ---- */
+
+enum die_at { DIE_AT_ACCEPT, DIE_AFTER_CONFIG, DIE_MID_PAGES, DIE_AT_SWITCHOVER,
+	      NACK_AT_SWITCHOVER, DIE_AFTER_READY };
+
+struct fake_dst {
+	struct vmig_listener *l;
+	enum die_at at;
+	pthread_t thread;
+};
+
+static void *fake_dst_main(void *arg)
+{
+	struct fake_dst *f = arg;
+	struct vmig_transport *t = NULL;
+	struct vmig_stream_reader *r = NULL;
+	struct vmig_stream_writer *w = NULL;
+	struct vmig_err err = { 0 };
+	struct vmig_record rec;
+	unsigned int n = 0;
+
+	if (vmig_transport_accept(f->l, 30000, &t, &err))
+		return NULL;
+	if (f->at == DIE_AT_ACCEPT)
+		goto out;
+	vmig_stream_reader_create(t, VMIG_STREAM_FORWARD, &r);
+	vmig_stream_writer_create(t, VMIG_STREAM_REVERSE, &w);
+	vmig_stream_write_header(w);
+	vmig_stream_flush(w);
+	if (vmig_stream_read_header(r, &err))
+		goto out;
+	while (vmig_stream_read_record(r, &rec, &err) == 0) {
+		n++;
+		if (f->at == DIE_AFTER_CONFIG && rec.type == VMIG_REC_CONFIG)
+			break;
+		if (f->at == DIE_MID_PAGES && rec.type == VMIG_REC_PAGES && n > 20)
+			break;
+		if (rec.type != VMIG_REC_SWITCHOVER)
+			continue;
+		if (f->at == NACK_AT_SWITCHOVER) {
+			vmig_stream_write_error(w, VMIG_REC_NACK, EINVAL, "refused for the test");
+			vmig_stream_flush(w);
+		} else if (f->at == DIE_AFTER_READY) {
+			vmig_stream_write_record(w, VMIG_REC_READY, 0, NULL, 0);
+			vmig_stream_flush(w);
+			/* Read COMMIT, then vanish without RUNNING. */
+			vmig_stream_read_record(r, &rec, &err);
+		}
+		break;
+	}
+out:
+	vmig_stream_reader_destroy(r);
+	vmig_stream_writer_destroy(w);
+	vmig_transport_close(t);
+	return NULL;
+}
+
+START_TEST(destination_failures)
+{
+	static const enum die_at points[] = { DIE_AT_ACCEPT, DIE_AFTER_CONFIG, DIE_MID_PAGES,
+					      DIE_AT_SWITCHOVER, NACK_AT_SWITCHOVER };
+	struct vmig_vm *src = make_vm(128 << 20, 2, "rate=20000,wss=32M,quiet");
+	unsigned int i;
+
+	wait_guest(src, 2);
+	kvm_test_sleep_ms(500);   /* some data to send */
+	for (i = 0; i < sizeof(points) / sizeof(points[0]); i++) {
+		struct fake_dst f = { .at = points[i] };
+		struct vmig_migrate_stats st;
+		struct vmig_err err = { 0 };
+		char uri[256];
+		uint64_t a, b;
+
+		snprintf(uri, sizeof(uri), "unix:%s/fake%u.sock", tmpdir, i);
+		ck_assert_int_eq(vmig_transport_listen(uri, &f.l, &err), 0);
+		ck_assert_int_eq(pthread_create(&f.thread, NULL, fake_dst_main, &f), 0);
+		ck_assert_int_eq(migrate(src, uri, 300, -1, &st), VMIG_MIGRATE_FAILED);
+		pthread_join(f.thread, NULL);
+		vmig_listener_close(f.l);
+		ck_assert_msg(st.error[0], "failure %u has no message", i);
+		if (points[i] == NACK_AT_SWITCHOVER)
+			ck_assert_msg(strstr(st.error, "refused for the test"), "%s", st.error);
+		ck_assert_int_eq(vmig_vm_state(src), VMIG_VM_RUNNING);
+		a = pages_written(src);
+		kvm_test_sleep_ms(100);
+		b = pages_written(src);
+		ck_assert_msg(b > a, "source did not resume after failure %u (%s)", i, st.error);
+	}
+	vmig_vm_destroy(src);
+}
+END_TEST
+
+START_TEST(lost_after_commit_is_uncertain)
+{
+	struct vmig_vm *src = make_vm(64 << 20, 1, "rate=1,wss=1M,quiet");
+	struct fake_dst f = { .at = DIE_AFTER_READY };
+	struct vmig_migrate_stats st;
+	struct vmig_err err = { 0 };
+	char uri[256];
+	uint64_t a;
+
+	wait_guest(src, 1);
+	snprintf(uri, sizeof(uri), "unix:%s/fake.sock", tmpdir);
+	ck_assert_int_eq(vmig_transport_listen(uri, &f.l, &err), 0);
+	ck_assert_int_eq(pthread_create(&f.thread, NULL, fake_dst_main, &f), 0);
+	ck_assert_int_eq(migrate(src, uri, 300, -1, &st), VMIG_MIGRATE_UNCERTAIN);
+	pthread_join(f.thread, NULL);
+	vmig_listener_close(f.l);
+	/* Exactly one copy may run: this one stays paused. */
+	ck_assert_int_eq(vmig_vm_state(src), VMIG_VM_PAUSED);
+	a = pages_written(src);
+	kvm_test_sleep_ms(200);
+	ck_assert_uint_eq(pages_written(src), a);
+	vmig_vm_destroy(src);
+}
+END_TEST
+
+/* ---- damaged streams into the receiver ---- */
+
+static uint8_t *saved;
+static size_t saved_len;
+
+static void make_saved_stream(void)
+{
+	struct vmig_vm *src = make_vm(32 << 20, 1, "rate=max,wss=256K,quiet");
+	struct vmig_migrate_stats st;
+	char uri[300], path[200];
+	struct stat sb;
+	int fd;
+
+	wait_guest(src, 1);
+	snprintf(path, sizeof(path), "%s/small.save", tmpdir);
+	snprintf(uri, sizeof(uri), "file:%s", path);
+	ck_assert_int_eq(migrate(src, uri, 300, -1, &st), VMIG_MIGRATE_COMPLETED);
+	vmig_vm_destroy(src);
+	fd = open(path, O_RDONLY);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(fstat(fd, &sb), 0);
+	saved_len = sb.st_size;
+	saved = malloc(saved_len);
+	ck_assert_int_eq(read(fd, saved, saved_len), (ssize_t)saved_len);
+	close(fd);
+}
+
+/* Feed @len bytes of @buf to the receiver; expect a clean failure. */
+static void feed_expect_error(const uint8_t *buf, size_t len, const char *what)
+{
+	struct dst_ctx d = { .paused = true, .live = false };
+	int sv[2];
+	size_t off = 0;
+
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+	ck_assert_int_eq(vmig_transport_from_fds(sv[0], sv[0], &d.t), 0);
+	ck_assert_int_eq(pthread_create(&d.thread, NULL, dst_main, &d), 0);
+	while (off < len) {
+		ssize_t n = write(sv[1], buf + off, len - off);
+
+		if (n <= 0)
+			break;   /* the receiver gave up early: fine */
+		off += n;
+	}
+	shutdown(sv[1], SHUT_WR);
+	pthread_join(d.thread, NULL);
+	close(sv[1]);
+	ck_assert_msg(d.ret < 0, "%s: accepted", what);
+	ck_assert_msg(d.vm == NULL, "%s: a VM was left behind", what);
+	ck_assert_msg(d.err.msg[0], "%s: no message (ret %d)", what, d.ret);
+}
+
+START_TEST(damaged_streams_fail_cleanly)
+{
+	static const double cuts[] = { 0, 0.0001, 0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999 };
+	unsigned int i, seed = 12345;
+	uint8_t *copy;
+	char what[128];
+
+	make_saved_stream();
+	/* The intact stream loads: the damage is what fails below. */
+	{
+		struct dst_ctx d = { .paused = true, .live = false };
+		int sv[2];
+
+		ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+		ck_assert_int_eq(vmig_transport_from_fds(sv[0], sv[0], &d.t), 0);
+		ck_assert_int_eq(pthread_create(&d.thread, NULL, dst_main, &d), 0);
+		ck_assert_int_eq(write(sv[1], saved, saved_len), (ssize_t)saved_len);
+		shutdown(sv[1], SHUT_WR);
+		pthread_join(d.thread, NULL);
+		close(sv[1]);
+		ck_assert_msg(d.ret == 0, "intact stream refused: %s", d.err.msg);
+		vmig_vm_destroy(d.vm);
+	}
+	for (i = 0; i < sizeof(cuts) / sizeof(cuts[0]); i++) {
+		size_t len = (size_t)(saved_len * cuts[i]);
+
+		snprintf(what, sizeof(what), "truncated at %zu of %zu", len, saved_len);
+		feed_expect_error(saved, len, what);
+	}
+	feed_expect_error(saved, saved_len - 1, "last byte missing");
+	copy = malloc(saved_len);
+	for (i = 0; i < 40; i++) {
+		size_t bit = rand_r(&seed) % (saved_len * 8);
+
+		memcpy(copy, saved, saved_len);
+		copy[bit / 8] ^= 1u << (bit % 8);
+		snprintf(what, sizeof(what), "bit %zu flipped", bit);
+		feed_expect_error(copy, saved_len, what);
+	}
+	free(copy);
+	free(saved);
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("migrate");
+	TCase *tc = tcase_create("migrate");
+	TCase *fail = tcase_create("failures");
+
+	kvm_test_require_kvm();
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 180);
+	tcase_add_loop_test(tc, migrates_page_exact, 0, sizeof(cases) / sizeof(cases[0]));
+	tcase_add_test(tc, migrates_4g_guest);
+	tcase_add_test(tc, paused_vm_single_pass);
+	tcase_add_test(tc, save_restore_round_trip);
+	suite_add_tcase(s, tc);
+
+	tcase_add_checked_fixture(fail, setup, teardown);
+	tcase_set_timeout(fail, 180);
+	tcase_add_test(fail, cancel_keeps_source_running);
+	tcase_add_test(fail, destination_failures);
+	tcase_add_test(fail, lost_after_commit_is_uncertain);
+	tcase_add_test(fail, damaged_streams_fail_cleanly);
+	suite_add_tcase(s, fail);
+	return kvm_test_run(s);
+}

@@ -57,6 +57,9 @@ int cli_vm_path(const char *name, const char *suffix, char *buf, size_t len);
  */
 int cli_vm_call(const char *name, const char *cmd, struct json_object **reply);
 
+/* Wait until VM @name's VMM process has exited (its lock is free). */
+int cli_wait_gone(const char *name, int timeout_ms);
+
 /*
  * The VMM side: serve the control socket @listen_fd for @vm until the VM
  * stops (guest power-off, "stop", or a signal on @signal_fd).  Runs on the

@@ -178,7 +178,7 @@ int cmd_resume(int argc, char **argv)
 }
 
 /* Wait until the VMM releases NAME.pid's lock, i.e. has finished. */
-static int wait_gone(const char *name, int timeout_ms)
+int cli_wait_gone(const char *name, int timeout_ms)
 {
 	char path[4096];
 	int fd, waited = 0;
@@ -217,7 +217,7 @@ int cmd_stop(int argc, char **argv)
 	if (cli_vm_call(name, "stop", &reply) < 0)
 		return VMIG_EXIT_ERROR;
 	json_object_put(reply);
-	ret = wait_gone(name, 30000);
+	ret = cli_wait_gone(name, 30000);
 	if (ret == -ETIMEDOUT) {
 		cli_error("VM '%s' was asked to stop but its VMM process is still there "
 			  "after 30 s", name);

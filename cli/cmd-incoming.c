@@ -75,7 +75,7 @@ static void progress(void *arg, uint64_t iteration, uint64_t bytes)
 }
 
 /* Receive, then serve the VM.  Runs in the (possibly detached) VMM process. */
-static int receive_and_serve(const struct in_opts *o, const char *tmp_log)
+static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 {
 	struct claim_ctx claim = { .lock_fd = -1, .tmp_log = tmp_log };
 	struct vmig_dst_params dp = {
@@ -109,9 +109,10 @@ static int receive_and_serve(const struct in_opts *o, const char *tmp_log)
 	} else {
 		ret = vmig_transport_listen(o->listen, &l, &err);
 		if (!ret) {
-			if (o->notify_fd >= 0)
+			if (o->notify_fd >= 0) {
 				cli_notify_parent(o->notify_fd, "");
-			else
+				o->notify_fd = -1;
+			} else
 				fprintf(stderr, "vmig: waiting for a migration on %s\n", o->listen);
 			ret = vmig_transport_accept(l, -1, &t, &err);
 			vmig_listener_close(l);
@@ -132,8 +133,10 @@ static int receive_and_serve(const struct in_opts *o, const char *tmp_log)
 		/* The VM runs here now: keep it, without a control socket. */
 		fprintf(stderr, "vmig: cannot listen on %s: %s\n", claim.paths.sock, strerror(-ret));
 	}
-	if (o->notify_fd >= 0 && o->file)
+	if (o->notify_fd >= 0) {
 		cli_notify_parent(o->notify_fd, "");
+		o->notify_fd = -1;
+	}
 	fprintf(stderr, "vmig: VM '%s' %s here (%s); control socket %s\n",
 		vmig_vm_config(vm)->name, o->file ? "restored" : "arrived",
 		vmig_vm_state_name(vmig_vm_state(vm)), claim.paths.sock);

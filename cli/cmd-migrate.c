@@ -91,7 +91,8 @@ static void print_summary(struct json_object *ev, const char *what)
  * Send @req (consumed) to VM @name and follow its events to the result.
  * Returns the exit code.
  */
-static int follow(const char *name, struct json_object *req, bool json, const char *what)
+static int follow(const char *name, struct json_object *req, bool json, const char *what,
+		  bool wait_exit)
 {
 	struct vmig_ctl_reader rd;
 	struct json_object *msg = NULL;
@@ -177,6 +178,10 @@ static int follow(const char *name, struct json_object *req, bool json, const ch
 			print_summary(msg, what);
 		if (!strcmp(jstr(msg, "status", ""), "completed")) {
 			code = VMIG_EXIT_OK;
+			/* The source VMM lets go of the VM: wait until it is gone, so
+			 * that the name is free here when this returns. */
+			if (wait_exit && cli_wait_gone(name, 30000) < 0)
+				cli_error("the VMM of '%s' did not exit after the %s", name, what);
 		} else {
 			const char *st = jstr(msg, "status", "");
 
@@ -293,7 +298,7 @@ int cmd_migrate(int argc, char **argv)
 	json_object_object_add(req, "on_timeout", json_object_new_string(on_timeout));
 	json_object_object_add(req, "compress", json_object_new_boolean(compress));
 	json_object_object_add(req, "resume", json_object_new_boolean(resume));
-	return follow(argv[optind], req, json, "migration");
+	return follow(argv[optind], req, json, "migration", true);
 }
 
 int cmd_save(int argc, char **argv)
@@ -350,7 +355,7 @@ int cmd_save(int argc, char **argv)
 	req = vmig_ctl_request("save");
 	json_object_object_add(req, "path", json_object_new_string(full));
 	json_object_object_add(req, "keep_running", json_object_new_boolean(keep));
-	return follow(argv[optind], req, json, "save");
+	return follow(argv[optind], req, json, "save", !keep);
 }
 
 int cmd_cancel(int argc, char **argv)

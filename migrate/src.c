@@ -493,7 +493,9 @@ static int precopy(struct vmig_migration *m)
 		else
 			m->stats.eta_ms = 0;
 		pthread_mutex_unlock(&m->lock);
-		publish(m, VMIG_MIGRATE_ACTIVE);
+		/* Short iterations come by the thousand: report a few per second. */
+		if (iter == 1 || vmig__now_ns() - m->last_progress_ns >= PROGRESS_NS)
+			publish(m, VMIG_MIGRATE_ACTIVE);
 
 		/* A paused VM (or a save) goes in one pass: nothing dirties it. */
 		if (!m->was_running || m->paused_here)

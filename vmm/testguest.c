@@ -294,8 +294,15 @@ int vmig_guest_verify(const struct vmig_vm *vm, struct vmig_err *err)
 			     "(%u vCPUs, ABI version %u)", st->nr_vcpus, st->abi_version);
 		ret = -EBADMSG;
 	}
-	for (v = 0; !ret && v < st->nr_vcpus; v++)
+	for (v = 0; !ret && v < st->nr_vcpus; v++) {
+		if (st->vcpu[v].state != VMIG_GUEST_VCPU_RUNNING &&
+		    st->vcpu[v].state != VMIG_GUEST_VCPU_DONE) {
+			vmig_err_set(err, -EAGAIN, "vCPU %u of the guest is still booting", v);
+			ret = -EAGAIN;
+			break;
+		}
 		ret = verify_vcpu(vm, st, v, err);
+	}
 	free(st);
 	return ret;
 }

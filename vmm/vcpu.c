@@ -190,6 +190,12 @@ static void handle_io(struct vmig__vcpu *vcpu)
 		} else if (port == VMIG_GUEST_EXIT_PORT && wr) {
 			if (data[0] == 0)
 				vmig__vm_stop_self(vm, 0, "the guest powered off");
+			else if (data[0] == VMIG_GUEST_EXIT_BAD_DATA)
+				vmig__vm_stop_self(vm, data[0], "the guest found corrupted memory "
+						   "and stopped (see its console for the page)");
+			else if (data[0] == VMIG_GUEST_EXIT_FATAL)
+				vmig__vm_stop_self(vm, data[0], "the guest hit a fatal error "
+						   "and stopped (see its console)");
 			else
 				vmig__vm_stop_self(vm, data[0],
 						   "the guest powered off with status %u", data[0]);

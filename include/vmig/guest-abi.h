@@ -24,13 +24,23 @@
  * updates the vCPU's counters (cursor, pages_written, checksum) in that
  * order.  A page never written holds zeroes.
  *
+ * The pair (generation, cursor) changes together: the wrap from (G, n) to
+ * (G + 1, 0) is one 16-byte store, so a stopped vCPU never shows half of it.
+ * While a vCPU is BOOTING it clears its working set (firmware may have
+ * left data there); verify only once every vCPU is RUNNING or DONE.  The
+ * guest zeroes the status page at boot: write host_iteration only after
+ * magic has appeared.
+ *
  * Verifying a paused guest, per vCPU with generation G >= 1 and cursor c:
  *   - work pages [0, c) hold generation G, pages (c, n) hold G - 1 (0 means
  *     never written: all-zero stamp);
- *   - page c holds G or G - 1: the vCPU may have been stopped between the
- *     page write and the counter update;
- *   - checksum == sum over the vCPU's pages of vmig_guest_stamp_hash(), with
- *     the same one-page slack at the cursor.
+ *   - page c holds G - 1, or G, or is half-written (the stores go magic,
+ *     generation, iteration, vcpu, tail): the vCPU may have stopped between
+ *     the page write and the counter update, or inside the page write;
+ *   - checksum == sum over the vCPU's pages of vmig_guest_stamp_hash(),
+ *     except that the last page written (at c, or c - 1 if the cursor moved
+ *     but the checksum store had not happened) may be ahead of it by that
+ *     page's change.
  */
 #ifndef VMIG_GUEST_ABI_H
 #define VMIG_GUEST_ABI_H
@@ -55,6 +65,10 @@
 
 /* Port the guest writes to power off (QEMU: isa-debug-exit, iobase=0x501). */
 #define VMIG_GUEST_EXIT_PORT     0x501u
+/* Values written there: done, a self-check found bad memory, fatal error. */
+#define VMIG_GUEST_EXIT_OK       0x00u
+#define VMIG_GUEST_EXIT_BAD_DATA 0xfeu
+#define VMIG_GUEST_EXIT_FATAL    0xffu
 
 /* vcpu state values */
 #define VMIG_GUEST_VCPU_OFF      0u   /* not started */

@@ -23,7 +23,8 @@
 #include "kvm-test.h"
 
 static const char *vmig_bin;
-static char run_dir[256];
+static char run_dir[256];      /* "host A": where VMs start */
+static char run_dir_b[300];    /* "host B": where they migrate to */
 
 struct result {
 	int status;            /* exit code, or 128 + signal */
@@ -103,15 +104,17 @@ static void setup(void)
 	snprintf(run_dir, sizeof(run_dir), "/tmp/vmig-test-XXXXXX");
 	ck_assert_ptr_nonnull(mkdtemp(run_dir));
 	setenv("VMIG_RUN_DIR", run_dir, 1);
+	snprintf(run_dir_b, sizeof(run_dir_b), "%s/hostB", run_dir);
 }
 
 static void teardown(void)
 {
-	char cmd[600];
+	char cmd[1200];
 
 	/* Anything a failed test left running is stopped, then removed. */
-	snprintf(cmd, sizeof(cmd), "for p in %s/*.pid; do [ -s \"$p\" ] && "
-		 "kill -9 $(cat \"$p\") 2>/dev/null; done; rm -rf %s", run_dir, run_dir);
+	snprintf(cmd, sizeof(cmd), "for p in %s/*.pid %s/hostB/*.pid; do [ -s \"$p\" ] && "
+		 "kill -9 $(cat \"$p\") 2>/dev/null; done; pkill -9 -f 'incomin[g].*%s' ; rm -rf %s",
+		 run_dir, run_dir, run_dir, run_dir);
 	if (system(cmd) != 0)
 		fprintf(stderr, "cleanup of %s failed\n", run_dir);
 }
@@ -163,6 +166,311 @@ static uint64_t pages_written_after_boot(const char *name)
 	ck_abort_msg("guest of %s wrote no page in 20 s", name);
 	return 0;
 }
+
+static void to_host_b(void)
+{
+	setenv("VMIG_RUN_DIR", run_dir_b, 1);
+}
+
+#define RUN_B(r, ...) run_vmig_pre((r), to_host_b, (const char *const[]){ __VA_ARGS__, NULL })
+
+static bool exists_b(const char *name, const char *suffix)
+{
+	char path[512];
+
+	snprintf(path, sizeof(path), "%s/%s.%s", run_dir_b, name, suffix);
+	return access(path, F_OK) == 0;
+}
+
+static struct json_object *status_json_b(const char *name)
+{
+	struct result r;
+	struct json_object *o;
+
+	RUN_B(&r, "status", name, "--json");
+	ck_assert_msg(r.status == 0, "status %s on B: exit %d: %s", name, r.status, r.err);
+	o = json_tokener_parse(r.out);
+	ck_assert_ptr_nonnull(o);
+	return o;
+}
+
+/* vmig in the background, output to files; returns its pid. */
+static pid_t spawn_vmig(const char *tag, const char *const *args)
+{
+	const char *argv[32];
+	char out[512];
+	unsigned int i = 0;
+	pid_t pid;
+
+	argv[i++] = vmig_bin;
+	while (*args && i < 31)
+		argv[i++] = *args++;
+	argv[i] = NULL;
+	snprintf(out, sizeof(out), "%s/%s.out", run_dir, tag);
+	pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		int fd = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+
+		dup2(fd, 1);
+		dup2(fd, 2);
+		close(fd);
+		execv(vmig_bin, (char *const *)argv);
+		_exit(127);
+	}
+	return pid;
+}
+
+static int wait_status(pid_t pid, const char *tag, char *out, size_t len)
+{
+	char path[512];
+	int st;
+	FILE *f;
+
+	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+	snprintf(path, sizeof(path), "%s/%s.out", run_dir, tag);
+	f = fopen(path, "r");
+	ck_assert_ptr_nonnull(f);
+	read_all(fileno(f), out, len);
+	fclose(f);
+	return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+static pid_t pid_in(const char *dir, const char *name)
+{
+	char path[600];
+	FILE *f;
+	int pid = 0;
+
+	snprintf(path, sizeof(path), "%s/%s.pid", dir, name);
+	f = fopen(path, "r");
+	if (!f)
+		return 0;
+	if (fscanf(f, "%d", &pid) != 1)
+		pid = 0;
+	fclose(f);
+	return pid;
+}
+
+static void start_pair(const char *name, const char *workload, const char *uri)
+{
+	struct result r;
+
+	RUN(&r, "run", name, "--memory", "160M", "--vcpus", "2", "--workload", workload,
+	    "--detach");
+	ck_assert_msg(r.status == 0, "run: %s", r.err);
+	pages_written_after_boot(name);
+	RUN_B(&r, "incoming", "--listen", uri, "--detach");
+	ck_assert_msg(r.status == 0, "incoming: exit %d: %s", r.status, r.err);
+}
+
+static void migrate_over(const char *uri_fmt)
+{
+	struct json_object *res, *o;
+	char uri[512];
+	uint64_t before, after;
+	struct result r;
+
+	snprintf(uri, sizeof(uri), uri_fmt, run_dir);
+	start_pair("mv", "rate=max,wss=2M", uri);
+	o = status_json("mv");
+	before = jget(o, "pages_written");
+	json_object_put(o);
+
+	RUN(&r, "migrate", "mv", uri, "--json");
+	ck_assert_msg(r.status == 0, "migrate: exit %d: %s %s", r.status, r.out, r.err);
+	res = json_tokener_parse(r.out);
+	ck_assert_msg(res, "--json printed: %s", r.out);
+	ck_assert_msg(json_object_object_get(res, "status") &&
+		      !strcmp(json_object_get_string(json_object_object_get(res, "status")),
+			      "completed"), "result: %s", r.out);
+	ck_assert_uint_gt(jget(res, "transferred_bytes"), 0);
+	ck_assert_uint_ge(jget(res, "iterations"), 1);
+	ck_assert(json_object_object_get(res, "total_time_ms") != NULL);
+	ck_assert(json_object_object_get(res, "downtime_ms") != NULL);
+	json_object_put(res);
+
+	/* The source VMM let go of the VM; host B runs it and it goes on. */
+	RUN(&r, "stop", "mv");
+	ck_assert_int_eq(r.status, 1);
+	ck_assert(!exists("mv", "sock") && !exists("mv", "pid"));
+	o = status_json_b("mv");
+	ck_assert_str_eq(jstate(o), "running");
+	after = jget(o, "pages_written");
+	json_object_put(o);
+	ck_assert_msg(after > before, "guest counters went back: %" PRIu64 " -> %" PRIu64,
+		      before, after);
+	kvm_test_sleep_ms(300);
+	o = status_json_b("mv");
+	ck_assert_uint_gt(jget(o, "pages_written"), after);
+	json_object_put(o);
+	RUN_B(&r, "stop", "mv");
+	ck_assert_int_eq(r.status, 0);
+	ck_assert(!exists_b("mv", "sock") && !exists_b("mv", "pid"));
+}
+
+START_TEST(migrate_tcp)
+{
+	migrate_over("tcp://127.0.0.1:47391");
+}
+END_TEST
+
+START_TEST(migrate_unix)
+{
+	migrate_over("unix:%s/mig.sock");
+}
+END_TEST
+
+START_TEST(cancel_keeps_vm_here)
+{
+	char uri[512], out[8192];
+	struct json_object *o;
+	struct result r;
+	uint64_t a;
+	pid_t mig;
+
+	snprintf(uri, sizeof(uri), "unix:%s/mig.sock", run_dir);
+	start_pair("cx", "rate=max,wss=48M", uri);
+	/* A 1 ms limit with 96 MiB dirtied at full speed never converges. */
+	mig = spawn_vmig("mig", (const char *const[]){ "migrate", "cx", uri,
+						       "--max-downtime", "1", NULL });
+	kvm_test_sleep_ms(700);
+	RUN(&r, "cancel", "cx");
+	ck_assert_msg(r.status == 0, "cancel: %s", r.err);
+	ck_assert_int_eq(wait_status(mig, "mig", out, sizeof(out)), 1);
+	ck_assert_msg(strstr(out, "cancelled") && strstr(out, "keeps running"), "%s", out);
+	o = status_json("cx");
+	ck_assert_str_eq(jstate(o), "running");
+	a = jget(o, "pages_written");
+	json_object_put(o);
+	kvm_test_sleep_ms(200);
+	o = status_json("cx");
+	ck_assert_uint_gt(jget(o, "pages_written"), a);
+	json_object_put(o);
+	/* The destination discarded its half and exited. */
+	kvm_test_sleep_ms(500);
+	ck_assert(!exists_b("cx", "sock") && !exists_b("cx", "pid"));
+}
+END_TEST
+
+START_TEST(destination_killed_source_resumes)
+{
+	char uri[512], out[8192];
+	struct json_object *o;
+	struct result r;
+	uint64_t a;
+	pid_t mig, dst = 0;
+	int i;
+
+	snprintf(uri, sizeof(uri), "unix:%s/mig.sock", run_dir);
+	start_pair("dk", "rate=max,wss=48M", uri);
+	mig = spawn_vmig("mig", (const char *const[]){ "migrate", "dk", uri,
+						       "--max-downtime", "1", NULL });
+	for (i = 0; i < 200 && !dst; i++) {
+		kvm_test_sleep_ms(10);
+		dst = pid_in(run_dir_b, "dk");
+	}
+	ck_assert_msg(dst > 0, "the destination never claimed the VM");
+	kvm_test_sleep_ms(300);
+	ck_assert_int_eq(kill(dst, SIGKILL), 0);
+	ck_assert_int_eq(wait_status(mig, "mig", out, sizeof(out)), 1);
+	ck_assert_msg(strstr(out, "failed") && strstr(out, "keeps running"), "%s", out);
+	o = status_json("dk");
+	ck_assert_str_eq(jstate(o), "running");
+	a = jget(o, "pages_written");
+	json_object_put(o);
+	kvm_test_sleep_ms(200);
+	o = status_json("dk");
+	ck_assert_uint_gt(jget(o, "pages_written"), a);
+	json_object_put(o);
+	RUN(&r, "stop", "dk");
+}
+END_TEST
+
+START_TEST(source_killed_destination_discards)
+{
+	char uri[512], log[600], out[8192];
+	struct result r;
+	pid_t src, mig, dst = 0;
+	int i;
+	FILE *f;
+
+	snprintf(uri, sizeof(uri), "unix:%s/mig.sock", run_dir);
+	start_pair("sk", "rate=max,wss=48M", uri);
+	src = pid_in(run_dir, "sk");
+	mig = spawn_vmig("mig", (const char *const[]){ "migrate", "sk", uri,
+						       "--max-downtime", "1", NULL });
+	for (i = 0; i < 200 && !dst; i++) {
+		kvm_test_sleep_ms(10);
+		dst = pid_in(run_dir_b, "sk");
+	}
+	ck_assert_msg(dst > 0, "the destination never claimed the VM");
+	kvm_test_sleep_ms(300);
+	ck_assert_int_eq(kill(src, SIGKILL), 0);
+	wait_status(mig, "mig", out, sizeof(out));
+	for (i = 0; i < 500 && kill(dst, 0) == 0; i++)
+		kvm_test_sleep_ms(20);
+	ck_assert_msg(kill(dst, 0) < 0, "the destination still runs after its source died");
+	ck_assert(!exists_b("sk", "sock") && !exists_b("sk", "pid"));
+	snprintf(log, sizeof(log), "%s/sk.log", run_dir_b);
+	f = fopen(log, "r");
+	ck_assert_ptr_nonnull(f);
+	read_all(fileno(f), r.out, sizeof(r.out));
+	fclose(f);
+	ck_assert_msg(strstr(r.out, "vmig: "), "no error in the destination's log: %s", r.out);
+}
+END_TEST
+
+START_TEST(save_and_restore)
+{
+	char file[512], bad[600], cmd[2000];
+	struct json_object *o;
+	struct result r;
+	struct stat sb;
+	uint64_t saved;
+
+	snprintf(file, sizeof(file), "%s/sv.vmig", run_dir);
+	RUN(&r, "run", "sv", "--memory", "64M", "--workload", "rate=max,wss=2M", "--detach");
+	ck_assert_int_eq(r.status, 0);
+	pages_written_after_boot("sv");
+	RUN(&r, "save", "sv", file);
+	ck_assert_msg(r.status == 0, "save: %s %s", r.out, r.err);
+	ck_assert_msg(strstr(r.out, "completed"), "%s", r.out);
+	/* save stops the VM once the file is complete. */
+	ck_assert(!exists("sv", "sock") && !exists("sv", "pid"));
+
+	/* Damaged copies are refused, and leave nothing running. */
+	snprintf(bad, sizeof(bad), "%s/bad.vmig", run_dir);
+	ck_assert_int_eq(stat(file, &sb), 0);
+	ck_assert_int_gt(sb.st_size, 10000);
+	snprintf(cmd, sizeof(cmd), "head -c %lld %s > %s", (long long)sb.st_size / 2, file, bad);
+	ck_assert_int_eq(system(cmd), 0);
+	RUN(&r, "restore", bad);
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "vmig:"), "no message: %s", r.err);
+	ck_assert(!exists("sv", "sock") && !exists("sv", "pid"));
+	snprintf(cmd, sizeof(cmd), "cp %s %s && printf '\\377' | dd of=%s bs=1 seek=5000 "
+		 "conv=notrunc 2>/dev/null", file, bad, bad);
+	ck_assert_int_eq(system(cmd), 0);
+	RUN(&r, "restore", bad);
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "checksum") || strstr(r.err, "CRC") ||
+		      strstr(r.err, "corrupt"), "message does not say what is wrong: %s", r.err);
+
+	RUN(&r, "restore", file, "--detach");
+	ck_assert_msg(r.status == 0, "restore: %s", r.err);
+	o = status_json("sv");
+	ck_assert_str_eq(jstate(o), "running");
+	saved = jget(o, "pages_written");
+	json_object_put(o);
+	kvm_test_sleep_ms(300);
+	o = status_json("sv");
+	ck_assert_uint_gt(jget(o, "pages_written"), saved);
+	json_object_put(o);
+	RUN(&r, "stop", "sv");
+	ck_assert_int_eq(r.status, 0);
+}
+END_TEST
 
 START_TEST(detached_vm_lifecycle)
 {
@@ -410,5 +718,18 @@ int main(void)
 	tcase_add_test(tc, no_permission_on_kvm);
 	tcase_add_test(tc, no_dev_kvm);
 	suite_add_tcase(s, tc);
+	{
+		TCase *mig = tcase_create("migrate");
+
+		tcase_add_checked_fixture(mig, setup, teardown);
+		tcase_set_timeout(mig, 120);
+		tcase_add_test(mig, migrate_tcp);
+		tcase_add_test(mig, migrate_unix);
+		tcase_add_test(mig, cancel_keeps_vm_here);
+		tcase_add_test(mig, destination_killed_source_resumes);
+		tcase_add_test(mig, source_killed_destination_discards);
+		tcase_add_test(mig, save_and_restore);
+		suite_add_tcase(s, mig);
+	}
 	return kvm_test_run(s);
 }

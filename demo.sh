@@ -1,38 +1,49 @@
 #!/bin/sh
 # The demo: build vmig, start a 2-vCPU VM running the built-in test guest,
-# show it working (its own progress counters, read from guest memory),
-# pause and resume it, and stop it.  Needs root (or sudo) for apt and
-# /dev/kvm; uses a run directory of its own.
+# and live-migrate it to a second VMM process on this host while the guest
+# keeps writing memory.  "Host A" and "host B" are two run directories, as
+# two machines would have.  Needs root (or sudo) for apt and /dev/kvm.
 set -eu
 top=$(cd "$(dirname "$0")" && pwd)
 build="$top/_build"
 
 "$top/tools/build" "$build"
 vmig="$build/vmig"
-export VMIG_RUN_DIR="${VMIG_RUN_DIR:-$(mktemp -d /tmp/vmig-demo.XXXXXX)}"
+demo=$(mktemp -d /tmp/vmig-demo.XXXXXX)
+A="$demo/hostA" B="$demo/hostB"
+port=$(( 20000 + $$ % 20000 ))
 name=demo
 
-cleanup() { "$vmig" stop "$name" >/dev/null 2>&1 || true; }
+cleanup() {
+	VMIG_RUN_DIR=$A "$vmig" stop "$name" >/dev/null 2>&1 || true
+	VMIG_RUN_DIR=$B "$vmig" stop "$name" >/dev/null 2>&1 || true
+}
 trap cleanup EXIT INT TERM
 
-echo "\$ vmig run $name --memory 512M --vcpus 2 --workload rate=20000,wss=64M --detach"
-"$vmig" run "$name" --memory 512M --vcpus 2 --workload rate=20000,wss=64M --detach
+say() { printf '\n\033[1m%s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+
+say "Host A: start a VM whose guest dirties 2 x 64 MiB at 20,000 pages/s per vCPU"
+VMIG_RUN_DIR=$A run "$vmig" run "$name" --memory 512M --vcpus 2 \
+	--workload rate=20000,wss=64M --detach
+sleep 2
+VMIG_RUN_DIR=$A run "$vmig" status "$name"
+
+say "Host B: wait for the migration"
+VMIG_RUN_DIR=$B run "$vmig" incoming --listen "tcp://127.0.0.1:$port" --detach
+
+say "Host A: live-migrate it to host B"
+VMIG_RUN_DIR=$A run "$vmig" migrate "$name" "tcp://127.0.0.1:$port"
+
+say "Host A no longer runs it:"
+VMIG_RUN_DIR=$A run "$vmig" list
+say "Host B runs it, and the guest's own counters go on from where they were:"
+VMIG_RUN_DIR=$B run "$vmig" status "$name"
 sleep 1
-echo "\$ vmig list"
-"$vmig" list
-for i in 1 2 3; do
-	sleep 1
-	echo "\$ vmig status $name"
-	"$vmig" status "$name"
-done
-echo "\$ vmig pause $name"; "$vmig" pause "$name"
-sleep 1
-"$vmig" status "$name" | grep -E 'state|pages_written'
-echo "\$ vmig resume $name"; "$vmig" resume "$name"
-sleep 1
-"$vmig" status "$name" | grep -E 'state|pages_written'
-echo "\$ tail -n 3 $VMIG_RUN_DIR/$name.log   # the guest's serial console"
-tail -n 3 "$VMIG_RUN_DIR/$name.log"
-echo "\$ vmig stop $name"
-"$vmig" stop "$name"
+VMIG_RUN_DIR=$B "$vmig" status "$name" | grep -E 'generation|pages_written'
+say "The guest's serial console, now on host B:"
+tail -n 3 "$B/$name.log"
+say "Stop it"
+VMIG_RUN_DIR=$B run "$vmig" stop "$name"
 trap - EXIT INT TERM
+rm -rf "$demo"

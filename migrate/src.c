@@ -75,6 +75,7 @@ struct vmig_migration {
 	uint64_t nr_pages;
 	uint64_t start_ns, last_progress_ns, pause_ns;
 	uint64_t rtt_ns;
+	uint64_t bytes_per_page;  /* on the wire, measured last iteration */
 	bool is_file;
 	bool was_running;
 	bool paused_here;        /* we paused the VM */
@@ -278,8 +279,13 @@ static int send_dirty(struct vmig_migration *m, uint64_t *sent)
 				ret = check_peer(m);
 				if (ret)
 					return ret;
-				if (vmig__now_ns() - m->last_progress_ns > PROGRESS_NS)
+				if (vmig__now_ns() - m->last_progress_ns > PROGRESS_NS) {
+					pthread_mutex_lock(&m->lock);
+					m->stats.remaining_bytes = m->stats.dirty_pages > n ?
+						(m->stats.dirty_pages - n) * m->bytes_per_page : 0;
+					pthread_mutex_unlock(&m->lock);
 					publish(m, m->stats.status);
+				}
 			}
 			page = vmig_bitmap_next_set(&m->dirty, word_end);
 		}
@@ -454,6 +460,8 @@ static int precopy(struct vmig_migration *m)
 		t0 = vmig__now_ns();
 		pthread_mutex_lock(&m->lock);
 		m->stats.iteration = iter;
+		m->stats.dirty_pages = vmig_bitmap_count(&m->dirty);
+		m->bytes_per_page = bpp;
 		pthread_mutex_unlock(&m->lock);
 
 		ret = send_dirty(m, &sent);
@@ -494,7 +502,7 @@ static int precopy(struct vmig_migration *m)
 			m->stats.eta_ms = 0;
 		pthread_mutex_unlock(&m->lock);
 		/* Short iterations come by the thousand: report a few per second. */
-		if (iter == 1 || vmig__now_ns() - m->last_progress_ns >= PROGRESS_NS)
+		if (vmig__now_ns() - m->last_progress_ns >= PROGRESS_NS)
 			publish(m, VMIG_MIGRATE_ACTIVE);
 
 		/* A paused VM (or a save) goes in one pass: nothing dirties it. */
@@ -635,7 +643,7 @@ static void *migration_thread(void *arg)
 
 	ret = setup(m);
 	if (!ret) {
-		publish(m, VMIG_MIGRATE_ACTIVE);
+		m->stats.status = VMIG_MIGRATE_ACTIVE;
 		ret = precopy(m);
 	}
 	if (!ret)

@@ -226,12 +226,26 @@ static int start_vm(struct dst *d, const struct vmig_dst_params *p)
 	return run ? vmig_vm_start(d->vm, d->err) : vmig_vm_start_paused(d->vm, d->err);
 }
 
+static int open_replies(struct dst *d)
+{
+	int ret;
+
+	if (d->w)
+		return 0;
+	ret = vmig_stream_writer_create(d->t, VMIG_STREAM_REVERSE, &d->w);
+	if (!ret)
+		ret = vmig_stream_write_header(d->w);
+	if (ret)
+		vmig_err_set(d->err, ret, "cannot answer the source: %s", strerror(-ret));
+	return ret;
+}
+
 int vmig_migrate_dst_run(struct vmig_transport *t, const struct vmig_dst_params *p,
 			 struct vmig_vm **out, struct vmig_err *err)
 {
 	struct dst d = { .t = t, .err = err };
 	struct vmig_record rec;
-	bool committed = false;
+	bool committed = false, config_read = false;
 	int ret;
 
 	*out = NULL;
@@ -239,23 +253,16 @@ int vmig_migrate_dst_run(struct vmig_transport *t, const struct vmig_dst_params 
 	ret = vmig_stream_reader_create(t, VMIG_STREAM_FORWARD, &d.r);
 	if (ret)
 		return ret;
-	if (p->live) {
-		/* Replies go back on the same connection, refusals included. */
-		ret = vmig_stream_writer_create(t, VMIG_STREAM_REVERSE, &d.w);
-		if (!ret)
-			ret = vmig_stream_write_header(d.w);
-		if (ret) {
-			vmig_err_set(err, ret, "cannot answer the source: %s", strerror(-ret));
-			goto fail;
-		}
-	}
 	ret = read_config(&d, p);
-	if (!ret && d.cfg.live != p->live) {
-		vmig_err_set(err, -EPROTO, p->live ? "this is a saved VM, not a live migration "
-			     "(use vmig restore)" : "this is a live migration stream, not a "
-			     "saved VM (use vmig incoming)");
+	config_read = !ret;
+	if (!ret && d.cfg.live && !p->live) {
+		vmig_err_set(err, -EPROTO, "this is a live migration stream and nothing can "
+			     "answer it here (use vmig incoming)");
 		ret = -EPROTO;
 	}
+	/* A live stream gets its replies on the same connection. */
+	if (!ret && d.cfg.live)
+		ret = open_replies(&d);
 	if (!ret)
 		ret = receive(&d, p);
 	if (!ret)
@@ -324,6 +331,9 @@ done:
 fail:
 	if (committed)
 		vmig_log(VMIG_LOG_ERROR, "failed after COMMIT: %s", err->msg);
+	/* Refuse out loud when the source can hear it (and may be waiting). */
+	if (!committed && p->live && (!config_read || d.cfg.live))
+		open_replies(&d);
 	if (d.w && !committed) {
 		vmig_stream_write_error(d.w, VMIG_REC_NACK, ret, "%s",
 					err->msg[0] ? err->msg : strerror(-ret));

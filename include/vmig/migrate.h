@@ -97,7 +97,9 @@ struct json_object *vmig_migrate_stats_json(const struct vmig_migrate_stats *s);
  */
 struct vmig_dst_params {
 	const char *name;           /* overrides the stream's VM name, or NULL */
-	bool live;                  /* a migration with handoff (not a file) */
+	bool live;                  /* the transport carries replies: a live
+	                               stream gets its handoff (a saved one,
+	                               e.g. piped in, is restored as is) */
 	int console_fd;
 	bool paused;                /* restore: keep it paused */
 	bool resume;                /* restore: run it even if it was paused */

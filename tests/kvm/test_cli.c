@@ -421,6 +421,29 @@ START_TEST(source_killed_destination_discards)
 }
 END_TEST
 
+static const char *stdin_file;
+
+static void stdin_from_file(void)
+{
+	int fd = open(stdin_file, O_RDONLY);
+
+	if (fd < 0 || dup2(fd, 0) < 0)
+		_exit(126);
+	close(fd);
+}
+
+/* vmig incoming --stdio fed a damaged stream: a clear error, nothing left. */
+static void incoming_refuses(const char *file, const char *want)
+{
+	struct result r;
+
+	stdin_file = file;
+	run_vmig_pre(&r, stdin_from_file, (const char *const[]){ "incoming", "--stdio", NULL });
+	ck_assert_msg(r.status == 1, "incoming --stdio < %s: exit %d: %s", file, r.status, r.err);
+	ck_assert_msg(strstr(r.err, want), "incoming said '%s', expected '%s'", r.err, want);
+	ck_assert(!exists("sv", "sock") && !exists("sv", "pid"));
+}
+
 START_TEST(save_and_restore)
 {
 	char file[512], bad[600], cmd[2000];
@@ -447,8 +470,10 @@ START_TEST(save_and_restore)
 	ck_assert_int_eq(system(cmd), 0);
 	RUN(&r, "restore", bad);
 	ck_assert_int_eq(r.status, 1);
-	ck_assert_msg(strstr(r.err, "vmig:"), "no message: %s", r.err);
+	ck_assert_msg(strstr(r.err, "truncated") || strstr(r.err, "ends"),
+		      "message does not say the stream is cut short: %s", r.err);
 	ck_assert(!exists("sv", "sock") && !exists("sv", "pid"));
+	incoming_refuses(bad, "vmig:");
 	snprintf(cmd, sizeof(cmd), "cp %s %s && printf '\\377' | dd of=%s bs=1 seek=5000 "
 		 "conv=notrunc 2>/dev/null", file, bad, bad);
 	ck_assert_int_eq(system(cmd), 0);
@@ -456,6 +481,8 @@ START_TEST(save_and_restore)
 	ck_assert_int_eq(r.status, 1);
 	ck_assert_msg(strstr(r.err, "checksum") || strstr(r.err, "CRC") ||
 		      strstr(r.err, "corrupt"), "message does not say what is wrong: %s", r.err);
+	incoming_refuses(bad, "checksum");
+	incoming_refuses("/dev/null", "vmig:");
 
 	RUN(&r, "restore", file, "--detach");
 	ck_assert_msg(r.status == 0, "restore: %s", r.err);

@@ -93,6 +93,26 @@ static void print_status(struct json_object *st)
 		printf("generation:    %" PRIu64 "\n", ju64(g, "generation"));
 		printf("pages_written: %" PRIu64 "\n", ju64(g, "pages_written"));
 	}
+	if (json_object_object_get_ex(st, "migration", &g)) {
+		char sent[32], rem[32], bw[32], total[32];
+
+		vmig_size_format(ju64(g, "transferred_bytes"), sent, sizeof(sent));
+		vmig_size_format(ju64(g, "remaining_bytes"), rem, sizeof(rem));
+		vmig_size_format(ju64(g, "bandwidth_bps"), bw, sizeof(bw));
+		vmig_duration_format(ju64(g, "total_time_ms"), total, sizeof(total));
+		printf("migration:     %s after %s, iteration %" PRIu64 ", sent %s, "
+		       "remaining %s, %s/s, dirty %" PRIu64 " pages/s, expected downtime %"
+		       PRIu64 " ms\n", jstr(g, "status", "?"), total, ju64(g, "iteration"),
+		       sent, rem, bw, ju64(g, "dirty_rate_pps"), ju64(g, "expected_downtime_ms"));
+		if (json_object_object_get_ex(g, "error", NULL))
+			printf("               %s\n", jstr(g, "error", ""));
+	}
+	if (!strcmp(jstr(st, "state", ""), "handoff-uncertain"))
+		printf("\nThe migration's handoff is uncertain: the destination may be running "
+		       "this VM.\nCheck with 'vmig status %s' on the destination.  If it runs "
+		       "there, 'vmig stop %s' here;\nif it does not, 'vmig resume --force %s' "
+		       "here.\n", jstr(st, "name", "NAME"), jstr(st, "name", "NAME"),
+		       jstr(st, "name", "NAME"));
 }
 
 int cmd_status(int argc, char **argv)

@@ -18,8 +18,12 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include <pthread.h>
+
 #include <json-c/json.h>
 
+#include "vmig/stream.h"
+#include "vmig/transport.h"
 #include "kvm-test.h"
 
 static const char *vmig_bin;
@@ -444,6 +448,86 @@ static void incoming_refuses(const char *file, const char *want)
 	ck_assert(!exists("sv", "sock") && !exists("sv", "pid"));
 }
 
+/* A destination that says READY, reads COMMIT and vanishes. */
+static void *vanishing_destination(void *arg)
+{
+	struct vmig_listener *l = arg;
+	struct vmig_transport *t = NULL;
+	struct vmig_stream_reader *rd = NULL;
+	struct vmig_stream_writer *w = NULL;
+	struct vmig_err err = { 0 };
+	struct vmig_record rec;
+
+	if (vmig_transport_accept(l, 30000, &t, &err))
+		return NULL;
+	vmig_stream_reader_create(t, VMIG_STREAM_FORWARD, &rd);
+	vmig_stream_writer_create(t, VMIG_STREAM_REVERSE, &w);
+	if (vmig_stream_read_header(rd, &err) == 0) {
+		while (vmig_stream_read_record(rd, &rec, &err) == 0)
+			if (rec.type == VMIG_REC_SWITCHOVER)
+				break;
+		vmig_stream_write_header(w);
+		vmig_stream_write_record(w, VMIG_REC_READY, 0, NULL, 0);
+		vmig_stream_flush(w);
+		vmig_stream_read_record(rd, &rec, &err);   /* COMMIT */
+	}
+	vmig_stream_reader_destroy(rd);
+	vmig_stream_writer_destroy(w);
+	vmig_transport_close(t);
+	return NULL;
+}
+
+START_TEST(handoff_uncertain_needs_the_admin)
+{
+	struct vmig_listener *l = NULL;
+	struct vmig_err err = { 0 };
+	struct json_object *o;
+	struct result r;
+	char uri[512];
+	pthread_t th;
+	uint64_t a;
+
+	snprintf(uri, sizeof(uri), "unix:%s/fake.sock", run_dir);
+	RUN(&r, "run", "hu", "--memory", "64M", "--workload", "rate=2000,wss=2M", "--detach");
+	ck_assert_int_eq(r.status, 0);
+	pages_written_after_boot("hu");
+	ck_assert_int_eq(vmig_transport_listen(uri, &l, &err), 0);
+	ck_assert_int_eq(pthread_create(&th, NULL, vanishing_destination, l), 0);
+	RUN(&r, "migrate", "hu", uri);
+	pthread_join(th, NULL);
+	vmig_listener_close(l);
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "handoff-uncertain") && strstr(r.err, "resume --force"),
+		      "migrate said: %s", r.err);
+
+	/* Held paused here; status says so and says what to do. */
+	o = status_json("hu");
+	ck_assert_str_eq(jstate(o), "handoff-uncertain");
+	a = jget(o, "pages_written");
+	json_object_put(o);
+	RUN(&r, "status", "hu");
+	ck_assert_msg(strstr(r.out, "uncertain") && strstr(r.out, "resume --force"), "%s", r.out);
+	kvm_test_sleep_ms(200);
+	o = status_json("hu");
+	ck_assert_uint_eq(jget(o, "pages_written"), a);
+	json_object_put(o);
+
+	/* A plain resume is refused; the admin's --force resumes. */
+	RUN(&r, "resume", "hu");
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "uncertain"), "%s", r.err);
+	RUN(&r, "resume", "--force", "hu");
+	ck_assert_msg(r.status == 0, "resume --force: %s", r.err);
+	kvm_test_sleep_ms(300);
+	o = status_json("hu");
+	ck_assert_str_eq(jstate(o), "running");
+	ck_assert_uint_gt(jget(o, "pages_written"), a);
+	json_object_put(o);
+	RUN(&r, "stop", "hu");
+	ck_assert_int_eq(r.status, 0);
+}
+END_TEST
+
 START_TEST(save_and_restore)
 {
 	char file[512], bad[600], cmd[2000];
@@ -756,6 +840,7 @@ int main(void)
 		tcase_add_test(mig, destination_killed_source_resumes);
 		tcase_add_test(mig, source_killed_destination_discards);
 		tcase_add_test(mig, save_and_restore);
+		tcase_add_test(mig, handoff_uncertain_needs_the_admin);
 		suite_add_tcase(s, mig);
 	}
 	return kvm_test_run(s);

@@ -77,6 +77,8 @@ struct vmig_migration {
 	uint64_t rtt_ns;
 	uint64_t bytes_per_page;  /* on the wire, measured last iteration */
 	bool is_file;
+	char *file_path;          /* save: the file asked for */
+	char *tmp_path;           /* save: written here, renamed on success */
 	bool was_running;
 	bool paused_here;        /* we paused the VM */
 	bool committed;          /* COMMIT may be on the wire */
@@ -377,8 +379,21 @@ static int setup(struct vmig_migration *m)
 		return ret;
 	m->is_file = uri.kind == VMIG_URI_FILE;
 	t0 = vmig__now_ns();
-	if (m->is_file)
-		ret = vmig_transport_open_file(uri.path, true, &m->t, &m->err);
+	if (m->is_file) {
+		/*
+		 * Write beside the target and rename at the end: a failed save
+		 * (full disk, cancel) never destroys an older file of that name,
+		 * and a file of that name is always complete.
+		 */
+		m->file_path = strdup(uri.path);
+		if (!m->file_path || asprintf(&m->tmp_path, "%s.partial.%d", uri.path,
+					      (int)getpid()) < 0) {
+			m->tmp_path = NULL;
+			vmig_err_set(&m->err, -ENOMEM, "out of memory");
+			return -ENOMEM;
+		}
+		ret = vmig_transport_open_file(m->tmp_path, true, &m->t, &m->err);
+	}
 	else
 		ret = vmig_transport_connect(m->uri, CONNECT_TIMEOUT_MS, &m->t, &m->err);
 	if (ret)
@@ -575,7 +590,17 @@ static int switchover(struct vmig_migration *m)
 
 	if (m->is_file) {
 		ret = vmig_stream_finish(m->w);   /* END, fsync: a full disk shows here */
-		return ret ? writer_error(m, ret) : 0;
+		if (ret)
+			return writer_error(m, ret);
+		if (rename(m->tmp_path, m->file_path) < 0) {
+			ret = -errno;
+			vmig_err_set(&m->err, ret, "cannot rename %s to %s: %s", m->tmp_path,
+				     m->file_path, strerror(-ret));
+			return ret;
+		}
+		free(m->tmp_path);
+		m->tmp_path = NULL;
+		return 0;
 	}
 	ret = vmig_stream_flush(m->w);
 	if (ret)
@@ -670,13 +695,8 @@ static void *migration_thread(void *arg)
 		}
 		if (m->paused_here)
 			vmig_vm_resume(m->vm);
-		if (m->is_file && m->t) {
-			/* A half-written save file is worthless: say so by removing it. */
-			struct vmig_uri u;
-
-			if (vmig_transport_parse_uri(m->uri, &u, NULL) == 0)
-				unlink(u.path);
-		}
+		if (m->tmp_path)
+			unlink(m->tmp_path);   /* a half-written save is worthless */
 	}
 	publish(m, m->stats.status);   /* the writer's last counters */
 	teardown(m);
@@ -787,6 +807,8 @@ enum vmig_migrate_status vmig_migrate_src_finish(struct vmig_migration *m,
 	close(m->event_fd);
 	pthread_mutex_destroy(&m->lock);
 	free(m->uri);
+	free(m->file_path);
+	free(m->tmp_path);
 	free(m);
 	return s;
 }

@@ -116,6 +116,9 @@ static void teardown(void)
 	char cmd[1200];
 
 	/* Anything a failed test left running is stopped, then removed. */
+	snprintf(cmd, sizeof(cmd), "umount %s/small 2>/dev/null; ", run_dir);
+	if (system(cmd) < 0)
+		fprintf(stderr, "umount failed\n");
 	snprintf(cmd, sizeof(cmd), "for p in %s/*.pid %s/hostB/*.pid; do [ -s \"$p\" ] && "
 		 "kill -9 $(cat \"$p\") 2>/dev/null; done; pkill -9 -f 'incomin[g].*%s' ; rm -rf %s",
 		 run_dir, run_dir, run_dir, run_dir);
@@ -528,6 +531,56 @@ START_TEST(handoff_uncertain_needs_the_admin)
 }
 END_TEST
 
+START_TEST(save_to_full_disk)
+{
+	char dir[512], file[600], old[700];
+	struct json_object *o;
+	struct result r;
+	uint64_t a;
+	FILE *f;
+
+	if (geteuid() != 0) {
+		printf("note: save_to_full_disk needs root to mount a small tmpfs\n");
+		return;
+	}
+	snprintf(dir, sizeof(dir), "%s/small", run_dir);
+	ck_assert_int_eq(mkdir(dir, 0700), 0);
+	ck_assert_msg(mount("tmpfs", dir, "tmpfs", 0, "size=16k") == 0, "mount: %s",
+		      strerror(errno));
+	snprintf(file, sizeof(file), "%s/vm.vmig", dir);
+	/* An older save of that name must survive a failed one. */
+	f = fopen(file, "w");
+	ck_assert_ptr_nonnull(f);
+	fputs("older save", f);
+	fclose(f);
+
+	RUN(&r, "run", "fd", "--memory", "64M", "--workload", "rate=max,wss=4M", "--detach");
+	ck_assert_int_eq(r.status, 0);
+	pages_written_after_boot("fd");
+	RUN(&r, "save", "fd", file);
+	ck_assert_msg(r.status == 1, "save to a full disk: exit %d: %s", r.status, r.out);
+	ck_assert_msg(strstr(r.err, "no space left") || strstr(r.err, "No space left"),
+		      "message does not say the disk is full: %s", r.err);
+	o = status_json("fd");
+	ck_assert_str_eq(jstate(o), "running");
+	a = jget(o, "pages_written");
+	json_object_put(o);
+	kvm_test_sleep_ms(200);
+	o = status_json("fd");
+	ck_assert_uint_gt(jget(o, "pages_written"), a);
+	json_object_put(o);
+	f = fopen(file, "r");
+	ck_assert_ptr_nonnull(f);
+	ck_assert_ptr_nonnull(fgets(old, sizeof(old), f));
+	fclose(f);
+	ck_assert_str_eq(old, "older save");
+	snprintf(old, sizeof(old), "ls %s | grep -c partial >/dev/null", dir);
+	ck_assert_msg(system(old) != 0, "a partial file was left in %s", dir);
+	RUN(&r, "stop", "fd");
+	umount(dir);
+}
+END_TEST
+
 START_TEST(save_and_restore)
 {
 	char file[512], bad[600], cmd[2000];
@@ -840,6 +893,7 @@ int main(void)
 		tcase_add_test(mig, destination_killed_source_resumes);
 		tcase_add_test(mig, source_killed_destination_discards);
 		tcase_add_test(mig, save_and_restore);
+		tcase_add_test(mig, save_to_full_disk);
 		tcase_add_test(mig, handoff_uncertain_needs_the_admin);
 		suite_add_tcase(s, mig);
 	}

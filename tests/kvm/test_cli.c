@@ -342,6 +342,24 @@ START_TEST(cancel_keeps_vm_here)
 	mig = spawn_vmig("mig", (const char *const[]){ "migrate", "cx", uri,
 						       "--max-downtime", "1", NULL });
 	kvm_test_sleep_ms(700);
+	/* status shows the migration in progress, with its figures. */
+	o = status_json("cx");
+	{
+		struct json_object *m = json_object_object_get(o, "migration");
+
+		ck_assert_msg(m, "no migration in %s", json_object_to_json_string(o));
+		ck_assert_str_eq(json_object_get_string(json_object_object_get(m, "status")),
+				 "active");
+		ck_assert_uint_ge(jget(m, "iteration"), 1);
+		ck_assert_uint_gt(jget(m, "transferred_bytes"), 0);
+		ck_assert(json_object_object_get(m, "expected_downtime_ms") != NULL);
+	}
+	json_object_put(o);
+	RUN(&r, "status", "cx");
+	ck_assert_msg(strstr(r.out, "migration:") && strstr(r.out, "active"), "%s", r.out);
+	RUN(&r, "pause", "cx");
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "migration is in progress"), "%s", r.err);
 	RUN(&r, "cancel", "cx");
 	ck_assert_msg(r.status == 0, "cancel: %s", r.err);
 	ck_assert_int_eq(wait_status(mig, "mig", out, sizeof(out)), 1);

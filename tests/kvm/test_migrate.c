@@ -46,6 +46,21 @@ static void teardown(void)
 		fprintf(stderr, "cannot remove %s\n", tmpdir);
 }
 
+struct vmig_migrate_stats;
+static enum vmig_migrate_status migrate_p(struct vmig_vm *vm, struct vmig_migrate_params p,
+					  int cancel_after_ms, struct vmig_migrate_stats *st);
+
+static enum vmig_migrate_status migrate(struct vmig_vm *vm, const char *uri,
+					uint32_t downtime_ms, int cancel_after_ms,
+					struct vmig_migrate_stats *st)
+{
+	struct vmig_migrate_params p = {
+		.uri = uri, .max_downtime_ms = downtime_ms, .compress = true,
+	};
+
+	return migrate_p(vm, p, cancel_after_ms, st);
+}
+
 static struct vmig_vm *make_vm(uint64_t mem, unsigned int vcpus, const char *workload)
 {
 	struct vmig_vm_config cfg = {
@@ -150,13 +165,9 @@ static void dst_join(struct dst_ctx *d)
 
 /* ---- the source ---- */
 
-static enum vmig_migrate_status migrate(struct vmig_vm *vm, const char *uri,
-					uint32_t downtime_ms, int cancel_after_ms,
-					struct vmig_migrate_stats *st)
+static enum vmig_migrate_status migrate_p(struct vmig_vm *vm, struct vmig_migrate_params p,
+					  int cancel_after_ms, struct vmig_migrate_stats *st)
 {
-	struct vmig_migrate_params p = {
-		.uri = uri, .max_downtime_ms = downtime_ms, .compress = true,
-	};
 	struct vmig_err err = { 0 };
 	struct vmig_migration *m = NULL;
 	uint64_t start = kvm_test_now_ms();
@@ -323,6 +334,72 @@ START_TEST(paused_vm_single_pass)
 	compare_memory(src, d.vm);
 	ck_assert_uint_eq(pages_written(d.vm), pw);
 	check_continues(src, d.vm, 2);
+	vmig_vm_destroy(d.vm);
+	vmig_vm_destroy(src);
+}
+END_TEST
+
+START_TEST(paused_vm_resume_on_arrival)
+{
+	struct vmig_vm *src = make_vm(64 << 20, 1, "rate=max,wss=2M,quiet");
+	struct dst_ctx d = { .paused = false };
+	struct vmig_migrate_params p = { .max_downtime_ms = 300, .resume_dst = true };
+	struct vmig_migrate_stats st;
+	uint64_t a;
+
+	wait_guest(src, 1);
+	ck_assert_int_eq(vmig_vm_pause(src), 0);
+	dst_listen(&d, false);
+	p.uri = d.uri;
+	ck_assert_int_eq(migrate_p(src, p, -1, &st), VMIG_MIGRATE_COMPLETED);
+	dst_join(&d);
+	ck_assert_msg(d.ret == 0, "destination: %s", d.err.msg);
+	ck_assert_int_eq(vmig_vm_state(d.vm), VMIG_VM_RUNNING);
+	a = pages_written(d.vm);
+	kvm_test_sleep_ms(200);
+	ck_assert_uint_gt(pages_written(d.vm), a);
+	vmig_vm_destroy(d.vm);
+	vmig_vm_destroy(src);
+}
+END_TEST
+
+START_TEST(timeout_cancels_or_forces)
+{
+	struct vmig_vm *src = make_vm(256 << 20, 1, "rate=max,wss=64M,quiet");
+	struct vmig_migrate_params p = { .max_downtime_ms = 1, .timeout_s = 1, .compress = true };
+	struct vmig_migrate_stats st;
+	struct dst_ctx d = { .paused = true };
+	uint64_t a;
+
+	wait_guest(src, 1);
+	/* 1 ms with 64 MiB dirtied at full speed never converges: cancel at 1 s. */
+	dst_listen(&d, true);
+	p.uri = d.uri;
+	p.on_timeout = VMIG_ON_TIMEOUT_CANCEL;
+	ck_assert_int_eq(migrate_p(src, p, -1, &st), VMIG_MIGRATE_FAILED);
+	dst_join(&d);
+	ck_assert_msg(strstr(st.error, "did not converge within 1 s"), "%s", st.error);
+	ck_assert_msg(st.total_ms >= 1000 && st.total_ms < 10000, "took %" PRIu64 " ms",
+		      st.total_ms);
+	ck_assert(d.ret != 0 && !d.vm);
+	ck_assert_int_eq(vmig_vm_state(src), VMIG_VM_RUNNING);
+	a = pages_written(src);
+	kvm_test_sleep_ms(100);
+	ck_assert_uint_gt(pages_written(src), a);
+
+	/* The same with force: it switches over at 1 s and arrives whole. */
+	memset(&d, 0, sizeof(d));
+	d.paused = true;
+	dst_listen(&d, true);
+	p.uri = d.uri;
+	p.on_timeout = VMIG_ON_TIMEOUT_FORCE;
+	ck_assert_int_eq(migrate_p(src, p, -1, &st), VMIG_MIGRATE_COMPLETED);
+	dst_join(&d);
+	ck_assert_msg(d.ret == 0, "destination: %s", d.err.msg);
+	ck_assert_msg(st.total_ms >= 1000, "forced before the timeout: %" PRIu64 " ms",
+		      st.total_ms);
+	compare_memory(src, d.vm);
+	check_continues(src, d.vm, 1);
 	vmig_vm_destroy(d.vm);
 	vmig_vm_destroy(src);
 }
@@ -624,6 +701,8 @@ int main(void)
 	tcase_add_test(tc, migrates_4g_guest);
 	tcase_add_test(tc, paused_vm_single_pass);
 	tcase_add_test(tc, save_restore_round_trip);
+	tcase_add_test(tc, paused_vm_resume_on_arrival);
+	tcase_add_test(tc, timeout_cancels_or_forces);
 	suite_add_tcase(s, tc);
 
 	tcase_add_checked_fixture(fail, setup, teardown);

@@ -946,6 +946,8 @@ START_TEST(test_bitflips_everywhere)
 			other++;
 	}
 	/* Most flips land in record bodies and are caught by the checksum. */
+	fprintf(stderr, "bit flips: %zu bits, %lu checksum errors, %lu others\n",
+		len * 8, crc_errors, other);
 	ck_assert_msg(crc_errors > len * 8 * 3 / 4, "%lu checksum errors, %lu others",
 		      crc_errors, other);
 	guest_fini(&g);

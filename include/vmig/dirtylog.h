@@ -186,6 +186,8 @@ struct vmig_dirtylog_stats {
 	uint64_t clear_ns;         /* time spent in clear */
 	uint64_t ring_harvested;   /* ring entries collected */
 	uint64_t ring_resets;      /* KVM_RESET_DIRTY_RINGS calls */
+	uint64_t ring_short_resets;   /* ... that reset fewer entries than
+	                                 harvested (then called again) */
 	uint64_t ring_full;        /* KVM_EXIT_DIRTY_RING_FULL exits handled */
 	uint64_t ring_full_ns;     /* time vCPU threads spent harvesting for them */
 	uint64_t marks;            /* vmig_dirtylog_mark() calls */

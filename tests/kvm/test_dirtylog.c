@@ -741,10 +741,17 @@ static void h_iterate(struct harness *h, uint64_t target, unsigned int sync_ms,
 	dl_sync(h->dl, &h->dirty);
 
 	verify(h, &vd, true);
-	ck_assert_msg(vd.lost == 0 && vd.spurious == 0, "mode %s: %" PRIu64 " lost, %" PRIu64
-		      " spurious of %" PRIu64 " written / %" PRIu64 " reported; %s",
-		      vmig_dirtylog_mode_name(h->mode), vd.lost, vd.spurious, vd.written,
-		      vd.reported, vd.first_bad);
+	if (vd.lost || vd.spurious) {
+		struct vmig_dirtylog_stats st;
+
+		vmig_dirtylog_get_stats(h->dl, &st);
+		ck_abort_msg("mode %s: %" PRIu64 " lost, %" PRIu64 " spurious of %" PRIu64
+			     " written / %" PRIu64 " reported; %s [log: %" PRIu64 " syncs, %"
+			     PRIu64 " ring-full, %" PRIu64 " resets, %" PRIu64 " short]",
+			     vmig_dirtylog_mode_name(h->mode), vd.lost, vd.spurious, vd.written,
+			     vd.reported, vd.first_bad, st.syncs, st.ring_full, st.ring_resets,
+			     st.ring_short_resets);
+	}
 	ck_assert_msg(vd.written > 0, "iteration %" PRIu64 ": the guest wrote nothing",
 		      h->iteration);
 
@@ -758,11 +765,22 @@ static void h_check_the_checker(struct harness *h)
 	uint64_t p, q, gpa;
 	struct verdict vd;
 
-	/* Same as h_iterate up to verify, then tamper. */
+	uint64_t start[VMIG_GUEST_MAX_VCPUS], now[VMIG_GUEST_MAX_VCPUS], t0;
+	unsigned int v;
+	bool done;
+
+	/* Same as h_iterate up to verify (no syncs while running), then tamper. */
 	h->iteration++;
 	vmig_guest_set_iteration(h->vm, h->iteration);
+	pages_written(h, start);
 	ck_assert_int_eq(vmig_vm_resume(h->vm), 0);
-	kvm_test_sleep_ms(20);
+	t0 = kvm_test_now_ms();
+	do {
+		kvm_test_sleep_ms(2);
+		pages_written(h, now);
+		for (done = true, v = 0; v < h->vcpus; v++)
+			done = done && now[v] - start[v] >= 64;
+	} while (!done && kvm_test_now_ms() - t0 < 10000);
 	ck_assert_int_eq(vmig_vm_pause(h->vm), 0);
 	dl_sync(h->dl, &h->dirty);
 	verify(h, &vd, false);
@@ -857,13 +875,22 @@ START_TEST(ring_full_loses_nothing)
 	for (it = 0; it < 5; it++)
 		h_iterate(&h, h.n[0] / 3, 0, 5000);
 	vmig_dirtylog_get_stats(h.dl, &stats);
-	printf("ring of %u entries: %" PRIu64 " ring-full exits, %" PRIu64 " entries\n",
-	       cfg.dirty_ring_entries, stats.ring_full, stats.ring_harvested);
+	printf("ring of %u entries: %" PRIu64 " ring-full exits, %" PRIu64 " entries, %"
+	       PRIu64 " short resets\n", cfg.dirty_ring_entries, stats.ring_full,
+	       stats.ring_harvested, stats.ring_short_resets);
 	ck_assert_msg(stats.ring_full > 0, "a ring of %u entries never filled (%" PRIu64
 		      " entries harvested)", cfg.dirty_ring_entries, stats.ring_harvested);
 	/* And with syncs racing the handler. */
 	for (it = 0; it < 3; it++)
 		h_iterate(&h, h.n[0] / 3, 2, 5000);
+	/*
+	 * A reset cut short leaves pages unprotected (Linux >= 6.16 on a
+	 * pending signal): the pause kicks hit handlers, so this would happen
+	 * without the signal blocking in ring.c.
+	 */
+	vmig_dirtylog_get_stats(h.dl, &stats);
+	ck_assert_msg(stats.ring_short_resets == 0, "%" PRIu64 " of %" PRIu64 " resets came "
+		      "back short", stats.ring_short_resets, stats.ring_resets);
 	h_fini(&h);
 }
 END_TEST
@@ -1086,26 +1113,29 @@ END_TEST
 /* A ring VM destroyed while its guest fills the ring: no crash, no leak of threads. */
 START_TEST(destroy_while_filling)
 {
+	const volatile struct vmig_guest_status *st;
 	struct vmig_dirtylog_plan plan;
 	struct vmig_bitmap b;
 	struct vmig_dirtylog *dl;
 	struct vmig_vm *vm;
+	uint64_t t0, w0;
 	int round;
 
 	if (!plan_mode(VMIG_DIRTYLOG_RING, 1024, &plan))
 		return;
 	vm = make_vm(64 << 20, 2, "rate=max,wss=16M,quiet", plan.ring_entries, true);
-	wait_running(vm, 2, 20000);
+	wait_running(vm, 2, 60000);
+	st = status(vm);
 	for (round = 0; round < 5; round++) {
-		struct vmig_dirtylog_stats st;
-
 		dl = make_dl(vm, VMIG_DIRTYLOG_RING);
 		ck_assert_int_eq(vmig_bitmap_init(&b, vmig_dirtylog_nr_pages(dl)), 0);
 		dl_start(dl);
-		kvm_test_sleep_ms(30);
+		/* Until the guest wrote something tracked, however loaded the host. */
+		for (t0 = kvm_test_now_ms(), w0 = st->vcpu[0].pages_written;
+		     st->vcpu[0].pages_written - w0 < 256 && kvm_test_now_ms() - t0 < 10000;)
+			kvm_test_sleep_ms(2);
 		dl_sync(dl, &b);
 		kvm_test_sleep_ms(20);
-		vmig_dirtylog_get_stats(dl, &st);
 		ck_assert_msg(vmig_bitmap_count(&b) > 0, "round %d: nothing dirty", round);
 		vmig_dirtylog_destroy(dl);      /* tracking on, rings filling */
 		vmig_bitmap_fini(&b);

@@ -15,6 +15,7 @@
  */
 #include "config.h"
 
+#include <endian.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -185,10 +186,22 @@ static int receive(struct dst *d, const struct vmig_dst_params *p)
 			break;
 		case VMIG_REC_ITER_END:
 			ret = vmig_stream_parse_iter_end(&rec, &iter, &pages, d->err);
-			if (!ret && p->progress) {
-				vmig_stream_reader_stats(d->r, &rs);
-				p->progress(p->progress_arg, iter, rs.bytes);
+			if (ret)
+				break;
+			vmig_stream_reader_stats(d->r, &rs);
+			if (d->w) {
+				/* Tell the source this much has landed (its bandwidth
+				 * figure and switchover wait on it). */
+				uint64_t body[2] = { htole64(iter), htole64(rs.bytes) };
+
+				/* A source that hung up is found by the next read,
+				 * which also says why (ERROR record or end of stream). */
+				if (vmig_stream_write_record(d->w, VMIG_REC_ITER_DONE, 0, body,
+							     sizeof(body)) == 0)
+					vmig_stream_flush(d->w);
 			}
+			if (p->progress)
+				p->progress(p->progress_arg, iter, rs.bytes);
 			break;
 		case VMIG_REC_STATE:
 			ret = vmig_stream_parse_state(&rec, &st, d->err);

@@ -27,6 +27,7 @@
  */
 #include "config.h"
 
+#include <endian.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
@@ -83,6 +84,9 @@ struct vmig_migration {
 	bool paused_here;        /* we paused the VM */
 	bool committed;          /* COMMIT may be on the wire */
 	bool reply_header_read;  /* the reverse stream's header */
+	uint64_t acked_iter;     /* last ITER_DONE from the destination */
+	uint64_t acked_ns;       /* when it arrived */
+	bool acks_seen;          /* the destination sends ITER_DONE at all */
 	struct {
 		uint64_t first_page, nr_pages;
 		uint64_t gpa;
@@ -191,39 +195,105 @@ static int read_reverse(struct vmig_migration *m, struct vmig_record *rec)
 	return vmig_stream_read_record(m->r, rec, &m->err);
 }
 
-/* A reply from the destination arrived early: a NACK or a hang-up. */
-static int check_peer(struct vmig_migration *m)
+/* ITER_DONE: the destination has applied iteration N. */
+static int take_ack(struct vmig_migration *m, const struct vmig_record *rec)
 {
-	struct pollfd pfd;
-	struct vmig_record rec;
-	char msg[512];
-	int e, ret;
+	uint64_t iter;
 
-	if (!m->r || vmig_transport_fd(m->t) < 0)
-		return 0;
-	pfd = (struct pollfd){ .fd = vmig_transport_fd(m->t), .events = POLLIN };
-	if (poll(&pfd, 1, 0) <= 0)
-		return 0;
-	if (!m->reply_header_read) {
-		/* The destination sends its stream header at once: not a reply. */
-		ret = vmig_stream_read_header(m->r, &m->err);
-		if (ret)
-			return ret;
-		m->reply_header_read = true;
-		if (poll(&pfd, 1, 0) <= 0)
-			return 0;
+	memcpy(&iter, rec->body, sizeof(iter));
+	iter = le64toh(iter);
+	if (iter > m->stats.iteration + 1) {
+		vmig_err_set(&m->err, -EPROTO, "the destination acknowledged iteration %" PRIu64
+			     " before it was sent", iter);
+		return -EPROTO;
 	}
-	ret = read_reverse(m, &rec);
-	if (ret)
-		return ret;
-	if (rec.type == VMIG_REC_NACK &&
-	    vmig_stream_parse_error(&rec, &e, msg, sizeof(msg), &m->err) == 0) {
+	m->acked_iter = iter;
+	m->acked_ns = vmig__now_ns();
+	m->acks_seen = true;
+	return 0;
+}
+
+/* A reverse record before the switchover: ITER_DONE, or a NACK. */
+static int take_early(struct vmig_migration *m, const struct vmig_record *rec)
+{
+	char msg[512];
+	int e;
+
+	if (rec->type == VMIG_REC_ITER_DONE)
+		return take_ack(m, rec);
+	if (rec->type == VMIG_REC_NACK &&
+	    vmig_stream_parse_error(rec, &e, msg, sizeof(msg), &m->err) == 0) {
 		vmig_err_set(&m->err, e ? e : -EPROTO, "the destination refused: %s", msg);
 		return e ? e : -EPROTO;
 	}
 	vmig_err_set(&m->err, -EPROTO, "the destination sent %s before the switchover",
-		     vmig_stream_rec_name(rec.type) ? vmig_stream_rec_name(rec.type) : "a record");
+		     vmig_stream_rec_name(rec->type) ? vmig_stream_rec_name(rec->type) : "a record");
 	return -EPROTO;
+}
+
+/* Take whatever the destination has sent so far, without blocking. */
+static int check_peer(struct vmig_migration *m)
+{
+	struct pollfd pfd;
+	struct vmig_record rec;
+	int ret;
+
+	if (!m->r || vmig_transport_fd(m->t) < 0)
+		return 0;
+	pfd = (struct pollfd){ .fd = vmig_transport_fd(m->t), .events = POLLIN };
+	while (vmig_stream_reader_buffered(m->r) || poll(&pfd, 1, 0) > 0) {
+		if (!m->reply_header_read) {
+			/* The destination sends its stream header first. */
+			ret = vmig_stream_read_header(m->r, &m->err);
+			if (ret)
+				return ret;
+			m->reply_header_read = true;
+			continue;
+		}
+		ret = read_reverse(m, &rec);
+		if (!ret)
+			ret = take_early(m, &rec);
+		if (ret)
+			return ret;
+	}
+	return 0;
+}
+
+/*
+ * Wait until the destination has applied iteration @iter (ITER_DONE),
+ * so that the switchover does not start with a backlog on the wire or in
+ * the receiver.  A destination that does not answer within the I/O
+ * timeout is taken for dead.
+ */
+static int wait_ack(struct vmig_migration *m, uint64_t iter)
+{
+	uint64_t deadline = vmig__now_ns() + (uint64_t)IO_TIMEOUT_MS * 1000000ull;
+	struct vmig_record rec;
+	int ret;
+
+	for (;;) {
+		ret = check_peer(m);
+		if (ret)
+			return ret;
+		if (m->acked_iter >= iter)
+			return 0;
+		if (cancelled(m))
+			return -ECANCELED;
+		if (vmig__now_ns() > deadline) {
+			vmig_err_set(&m->err, -ETIMEDOUT, "the destination has not applied "
+				     "iteration %" PRIu64 " after %d s", iter, IO_TIMEOUT_MS / 1000);
+			return -ETIMEDOUT;
+		}
+		/* Block briefly for the next reverse record. */
+		{
+			struct pollfd pfd = { .fd = vmig_transport_fd(m->t), .events = POLLIN };
+
+			if (pfd.fd < 0)
+				return 0;
+			poll(&pfd, 1, 50);
+		}
+		(void)rec;
+	}
 }
 
 static int writer_error(struct vmig_migration *m, int ret)
@@ -523,8 +593,32 @@ static int precopy(struct vmig_migration *m)
 		/* A paused VM (or a save) goes in one pass: nothing dirties it. */
 		if (!m->was_running || m->paused_here)
 			return 0;
-		if (m->stats.expected_downtime_ms <= m->p.max_downtime_ms)
-			return 0;
+		if (m->stats.expected_downtime_ms <= m->p.max_downtime_ms) {
+			if (m->is_file)
+				return 0;
+			/*
+			 * The socket took the data; has the destination applied it?
+			 * Wait for its ITER_DONE, then judge again with the bandwidth
+			 * it achieved and what the guest dirtied meanwhile.
+			 */
+			ret = wait_ack(m, iter);
+			if (ret)
+				return ret;
+			ret = sync_dirty(m, &dirty);
+			if (ret)
+				return ret;
+			dt = m->acked_ns - t0;
+			pthread_mutex_lock(&m->lock);
+			if (dt > 1000000)
+				m->stats.bandwidth_bps = bytes * 1000000000ull / dt;
+			m->stats.dirty_pages = dirty;
+			m->stats.remaining_bytes = dirty * bpp;
+			m->stats.expected_downtime_ms = fixed_ms + (m->stats.bandwidth_bps ?
+				m->stats.remaining_bytes * 1000 / m->stats.bandwidth_bps : 0);
+			pthread_mutex_unlock(&m->lock);
+			if (m->stats.expected_downtime_ms <= m->p.max_downtime_ms)
+				return 0;
+		}
 		if (deadline && vmig__now_ns() >= deadline) {
 			if (m->p.on_timeout == VMIG_ON_TIMEOUT_FORCE) {
 				vmig_log(VMIG_LOG_WARN, "timeout: forcing the switchover with %"
@@ -544,8 +638,17 @@ static int precopy(struct vmig_migration *m)
 /* Read one reverse record within @timeout_ms. */
 static int read_reply(struct vmig_migration *m, int timeout_ms, struct vmig_record *rec)
 {
+	int ret;
+
 	vmig_transport_set_timeout(m->t, timeout_ms);
-	return read_reverse(m, rec);
+	for (;;) {
+		ret = read_reverse(m, rec);
+		if (ret || rec->type != VMIG_REC_ITER_DONE)
+			return ret;
+		ret = take_ack(m, rec);   /* the final iteration's: not a reply */
+		if (ret)
+			return ret;
+	}
 }
 
 static int switchover(struct vmig_migration *m)

@@ -114,6 +114,7 @@ const char *vmig_stream_rec_name(uint32_t type)
 	case VMIG_REC_READY: return "READY";
 	case VMIG_REC_RUNNING: return "RUNNING";
 	case VMIG_REC_NACK: return "NACK";
+	case VMIG_REC_ITER_DONE: return "ITER_DONE";
 	default: return NULL;
 	}
 }
@@ -137,7 +138,7 @@ static bool type_forward(uint32_t type)
 
 static bool type_reverse(uint32_t type)
 {
-	return type >= VMIG_REC_READY && type <= VMIG_REC_NACK;
+	return type >= VMIG_REC_READY && type <= VMIG_REC_ITER_DONE;
 }
 
 static const char *dir_name(enum vmig_stream_dir dir)
@@ -157,7 +158,8 @@ static uint64_t type_max_len(uint32_t type)
 	switch (type) {
 	case VMIG_REC_CONFIG: return VMIG_STREAM_MAX_CONFIG;
 	case VMIG_REC_PAGES: return VMIG_STREAM_MAX_PAGES_BODY;
-	case VMIG_REC_ITER_END: return 16;
+	case VMIG_REC_ITER_END:
+	case VMIG_REC_ITER_DONE: return 16;
 	case VMIG_REC_ERROR:
 	case VMIG_REC_NACK: return 4 + VMIG_STREAM_MAX_MESSAGE;
 	case VMIG_REC_SWITCHOVER:
@@ -863,6 +865,7 @@ static int body_check(const struct vmig_record *rec, struct page_counts *pc,
 	case VMIG_REC_NACK:
 		return error_check(rec, err);
 	case VMIG_REC_ITER_END:
+	case VMIG_REC_ITER_DONE:
 		if (rec->len != 16)
 			return bad(err, -EPROTO, rec, "body is %zu bytes (expected 16)", rec->len);
 		return 0;
@@ -896,6 +899,13 @@ struct vmig_stream_reader {
 	struct vmig_err first;    /* its message, repeated on later calls */
 	struct vmig_stream_stats stats;
 };
+
+size_t vmig_stream_reader_buffered(const struct vmig_stream_reader *r)
+{
+	size_t have = r->end - r->start;
+
+	return have > r->consume ? have - r->consume : 0;
+}
 
 int vmig_stream_reader_create(struct vmig_transport *t, enum vmig_stream_dir dir,
 			      struct vmig_stream_reader **out)

@@ -76,6 +76,7 @@ enum vmig_rec_type {
 	VMIG_REC_READY = 0x10,
 	VMIG_REC_RUNNING = 0x11,
 	VMIG_REC_NACK = 0x12,
+	VMIG_REC_ITER_DONE = 0x13,   /* optional: an iteration is applied */
 };
 
 /* Record flags.  Bits other than these must be zero. */
@@ -245,6 +246,13 @@ int vmig_stream_read_record(struct vmig_stream_reader *r, struct vmig_record *re
  * Blocks until the peer closes (or the transport's timeout).
  */
 int vmig_stream_expect_eof(struct vmig_stream_reader *r, struct vmig_err *err);
+
+/*
+ * Bytes already read from the transport but not yet returned as records:
+ * poll() on the transport's fd does not see them, so a caller polling for
+ * the next record checks this first.
+ */
+size_t vmig_stream_reader_buffered(const struct vmig_stream_reader *r);
 
 void vmig_stream_reader_stats(const struct vmig_stream_reader *r,
 			      struct vmig_stream_stats *out);

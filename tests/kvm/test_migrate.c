@@ -508,6 +508,15 @@ static void *fake_dst_main(void *arg)
 		goto out;
 	while (vmig_stream_read_record(r, &rec, &err) == 0) {
 		n++;
+		if (rec.type == VMIG_REC_ITER_END) {
+			/* Acknowledge it like a real destination. */
+			uint64_t body[2];
+
+			memcpy(body, rec.body, 8);
+			body[1] = 0;
+			vmig_stream_write_record(w, VMIG_REC_ITER_DONE, 0, body, sizeof(body));
+			vmig_stream_flush(w);
+		}
 		if (f->at == DIE_AFTER_CONFIG && rec.type == VMIG_REC_CONFIG)
 			break;
 		if (f->at == DIE_MID_PAGES && rec.type == VMIG_REC_PAGES && n > 20)

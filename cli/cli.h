@@ -18,6 +18,7 @@ struct cli_paths {
 	char pid[4096];
 	char sock[4096];
 	char log[4096];
+	char console[4096];
 };
 
 /* The run directory (created) and NAME's files in it; errors printed. */
@@ -41,6 +42,19 @@ int cmd_status(int argc, char **argv);
 int cmd_pause(int argc, char **argv);
 int cmd_resume(int argc, char **argv);
 int cmd_stop(int argc, char **argv);
+int cmd_console(int argc, char **argv);
+
+/*
+ * The VMM's console socket (cli/console.c): serve @path for `vmig
+ * console`, and type standard input into the guest if @use_stdin.
+ * cli_console_set_vm() swaps the VM (NULL while none, e.g. rebooting).
+ * Stop accepts NULL.
+ */
+struct cli_console;
+int cli_console_start(struct vmig_vm *vm, const char *path, bool use_stdin,
+		      struct cli_console **out);
+void cli_console_set_vm(struct cli_console *c, struct vmig_vm *vm);
+void cli_console_stop(struct cli_console *c);
 
 /* Print "vmig: <message>" to stderr. */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

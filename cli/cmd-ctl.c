@@ -132,7 +132,7 @@ int cmd_status(int argc, char **argv)
 		return VMIG_EXIT_ERROR;
 	if (json) {
 		json_object_object_del(reply, "ok");
-		printf("%s\n", json_object_to_json_string_ext(reply, JSON_C_TO_STRING_PLAIN));
+		printf("%s\n", json_object_to_json_string_ext(reply, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
 	} else {
 		print_status(reply);
 	}
@@ -301,7 +301,7 @@ int cmd_list(int argc, char **argv)
 	if (json)
 		arr = json_object_new_array();
 	else
-		printf("%-20s %-8s %7s %5s %10s %10s\n", "NAME", "STATE", "PID", "VCPUS", "MEMORY",
+		printf("%-20s %-17s %7s %5s %10s %10s\n", "NAME", "STATE", "PID", "VCPUS", "MEMORY",
 		       "UPTIME");
 	for (i = 0; i < n; i++) {
 		struct json_object *reply = NULL;
@@ -322,14 +322,14 @@ int cmd_list(int argc, char **argv)
 
 			vmig_size_format(ju64(reply, "memory"), mem, sizeof(mem));
 			vmig_duration_format(ju64(reply, "uptime_ms"), up, sizeof(up));
-			printf("%-20s %-8s %7s %5s %10s %10s\n", jstr(reply, "name", names[i]),
+			printf("%-20s %-17s %7s %5s %10s %10s\n", jstr(reply, "name", names[i]),
 			       jstr(reply, "state", "?"), jstr(reply, "pid", "?"),
 			       jstr(reply, "vcpus", "?"), mem, up);
 		}
 		json_object_put(reply);
 	}
 	if (json) {
-		printf("%s\n", json_object_to_json_string_ext(arr, JSON_C_TO_STRING_PLAIN));
+		printf("%s\n", json_object_to_json_string_ext(arr, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
 		json_object_put(arr);
 	}
 	for (i = 0; i < n; i++)

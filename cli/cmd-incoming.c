@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -74,6 +75,56 @@ static void progress(void *arg, uint64_t iteration, uint64_t bytes)
 		 (unsigned long long)iteration, b);
 }
 
+/*
+ * --stdio, once the VM is ours: outlive the SSH session that started us.
+ * stdin/stdout are sshd's pipes (the transport used dups of them) and
+ * stderr too, where the console went so far: once the source hangs up,
+ * sshd closes them.  So stdin/stdout become /dev/null and stderr (the
+ * console, the log) NAME.log in the run directory, as for --detach; a
+ * hang-up is ignored, and a new session leaves sshd's (when this process
+ * does not lead it already).  No fork: KVM's fds work only in the process
+ * that created the VM.
+ */
+static void detach_from_ssh(const struct claim_ctx *claim)
+{
+	int null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+	int log_fd = open(claim->paths.log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+
+	signal(SIGHUP, SIG_IGN);
+	if (null_fd >= 0) {
+		dup2(null_fd, STDIN_FILENO);
+		dup2(null_fd, STDOUT_FILENO);
+		dup2(log_fd >= 0 ? log_fd : null_fd, STDERR_FILENO);
+	}
+	if (null_fd > STDERR_FILENO)
+		close(null_fd);
+	if (log_fd > STDERR_FILENO)
+		close(log_fd);
+	if (getsid(0) != getpid())
+		setsid();
+}
+
+/*
+ * SIGINT/SIGTERM/SIGHUP before the handoff: give up, the source keeps the
+ * VM.  (They are blocked and read from the signalfd, so without this they
+ * would wait, pending, and stop the VM right after it arrived.)
+ */
+static bool signalled(const int *sig_fd, struct vmig_err *err)
+{
+	struct signalfd_siginfo si;
+
+	if (*sig_fd < 0 || read(*sig_fd, &si, sizeof(si)) != sizeof(si))
+		return false;
+	vmig_err_set(err, -EINTR, "%s before the handoff: nothing was received, the VM "
+		     "stays on its source", strsignal((int)si.ssi_signo));
+	return true;
+}
+
+static int abort_on_signal(void *arg, struct vmig_err *err)
+{
+	return signalled(arg, err) ? -EINTR : 0;
+}
+
 /* Receive, then serve the VM.  Runs in the (possibly detached) VMM process. */
 static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 {
@@ -85,6 +136,7 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 		.resume = o->resume,
 		.claim = claim_name,
 		.claim_arg = &claim,
+		.check_abort = abort_on_signal,
 		.progress = progress,
 	};
 	struct vmig_err err = { 0 };
@@ -95,6 +147,7 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 	int sig_fd, listen_fd = -1, ret, code = VMIG_EXIT_ERROR;
 
 	sig_fd = cli_block_signals();
+	dp.check_arg = &sig_fd;
 	if (sig_fd < 0) {
 		snprintf(msg, sizeof(msg), "cannot set up signal handling");
 		goto fail_msg;
@@ -103,7 +156,15 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 	if (o->file) {
 		ret = vmig_transport_open_file(o->file, false, &t, &err);
 	} else if (o->stdio) {
-		ret = vmig_transport_from_fds(STDIN_FILENO, STDOUT_FILENO, &t);
+		/*
+		 * Dups, so that fds 0 and 1 stay taken until detach_from_ssh()
+		 * points them at /dev/null: a socket opened meanwhile (the
+		 * control socket) must not land on them.  Once the source has
+		 * hung up, a console write to stderr must cost EPIPE, not the VM.
+		 */
+		signal(SIGPIPE, SIG_IGN);
+		ret = vmig_transport_from_fds(fcntl(STDIN_FILENO, F_DUPFD_CLOEXEC, 3),
+					      fcntl(STDOUT_FILENO, F_DUPFD_CLOEXEC, 3), &t);
 		if (ret)
 			vmig_err_set(&err, ret, "cannot use stdin/stdout: %s", strerror(-ret));
 	} else {
@@ -113,8 +174,18 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 				cli_notify_parent(o->notify_fd, "");
 				o->notify_fd = -1;
 			} else
-				fprintf(stderr, "vmig: waiting for a migration on %s\n", o->listen);
-			ret = vmig_transport_accept(l, -1, &t, &err);
+				fprintf(stderr, "vmig: waiting for a migration on %s\n", vmig_listener_uri(l));
+			/* Wait, but let SIGINT/SIGTERM end the wait. */
+			do {
+				ret = vmig_transport_accept(l, 200, &t, &err);
+				if (ret == -ETIMEDOUT) {
+					vmig_err_clear(&err);
+					if (signalled(&sig_fd, &err)) {
+						ret = -EINTR;
+						break;
+					}
+				}
+			} while (ret == -ETIMEDOUT);
 			vmig_listener_close(l);
 		}
 	}
@@ -137,20 +208,11 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 		cli_notify_parent(o->notify_fd, "");
 		o->notify_fd = -1;
 	}
+	if (o->stdio)
+		detach_from_ssh(&claim);
 	fprintf(stderr, "vmig: VM '%s' %s here (%s); control socket %s\n",
 		vmig_vm_config(vm)->name, o->file ? "restored" : "arrived",
 		vmig_vm_state_name(vmig_vm_state(vm)), claim.paths.sock);
-	if (o->stdio) {
-		/* Outlive the SSH session that started us. */
-		int null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
-
-		signal(SIGHUP, SIG_IGN);
-		if (null_fd >= 0) {
-			dup2(null_fd, STDIN_FILENO);
-			dup2(null_fd, STDOUT_FILENO);
-			close(null_fd);
-		}
-	}
 	code = cli_control_serve(vm, listen_fd, sig_fd);
 	goto out;
 
@@ -260,7 +322,7 @@ static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
 	o->notify_fd = -1;
 	optind = 1;
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, "l:sn:dprh", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":l:sn:dprh", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'l':
 			if (restore)

@@ -173,7 +173,7 @@ static int follow(const char *name, struct json_object *req, bool json, const ch
 			fputc('\n', stderr);
 		json_object_object_del(msg, "event");
 		if (json)
-			printf("%s\n", json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN));
+			printf("%s\n", json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
 		else
 			print_summary(msg, what);
 		if (!strcmp(jstr(msg, "status", ""), "completed")) {
@@ -217,6 +217,69 @@ static int parse_u32(const char *cmd, const char *opt, const char *s, uint32_t *
 	return 0;
 }
 
+enum {
+	OPT_REMOTE_VMIG = 256,
+	OPT_DEST_NAME,
+	OPT_KNOWN_HOSTS,
+	OPT_ACCEPT_NEW,
+};
+
+/* @path made absolute (the VMM has its own working directory). */
+static int absolute_path(const char *opt, const char *path, char *out, size_t len)
+{
+	char cwd[PATH_MAX];
+
+	if (path[0] == '/') {
+		snprintf(out, len, "%s", path);
+		return 0;
+	}
+	if (!getcwd(cwd, sizeof(cwd))) {
+		cli_error("%s %s: cannot get the current directory: %s", opt, path, strerror(errno));
+		return -1;
+	}
+	if ((size_t)snprintf(out, len, "%s/%s", cwd, path) >= len) {
+		cli_error("%s %s: path too long", opt, path);
+		return -1;
+	}
+	return 0;
+}
+
+/*
+ * The "ssh" member of a migrate request: what the VMM needs to log in as
+ * this user, whose ssh-agent is the one of this shell, not of the VMM's.
+ */
+static struct json_object *ssh_request(const char *remote_vmig, const char *dest_name,
+				       const char *known_hosts, bool accept_new,
+				       const char *identity)
+{
+	struct json_object *o = json_object_new_object();
+	const char *agent = getenv("SSH_AUTH_SOCK");
+	char path[PATH_MAX + 1];
+
+	if (remote_vmig)
+		json_object_object_add(o, "remote_vmig", json_object_new_string(remote_vmig));
+	if (dest_name)
+		json_object_object_add(o, "dest_name", json_object_new_string(dest_name));
+	if (known_hosts) {
+		if (absolute_path("--known-hosts", known_hosts, path, sizeof(path)) < 0)
+			goto fail;
+		json_object_object_add(o, "known_hosts", json_object_new_string(path));
+	}
+	if (identity) {
+		if (!realpath(identity, path) || access(path, R_OK) < 0) {
+			cli_error("cannot read --identity %s: %s", identity, strerror(errno));
+			goto fail;
+		}
+		json_object_object_add(o, "identity", json_object_new_string(path));
+	}
+	json_object_object_add(o, "agent_socket", json_object_new_string(agent ? agent : ""));
+	json_object_object_add(o, "accept_new_host_key", json_object_new_boolean(accept_new));
+	return o;
+fail:
+	json_object_put(o);
+	return NULL;
+}
+
 int cmd_migrate(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -226,18 +289,25 @@ int cmd_migrate(int argc, char **argv)
 		{ "no-compress",  no_argument,       NULL, 'n' },
 		{ "resume",       no_argument,       NULL, 'r' },
 		{ "json",         no_argument,       NULL, 'j' },
+		{ "remote-vmig",  required_argument, NULL, OPT_REMOTE_VMIG },
+		{ "dest-name",    required_argument, NULL, OPT_DEST_NAME },
+		{ "known-hosts",  required_argument, NULL, OPT_KNOWN_HOSTS },
+		{ "accept-new-host-key", no_argument, NULL, OPT_ACCEPT_NEW },
+		{ "identity",     required_argument, NULL, 'i' },
 		{ "help",         no_argument,       NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	uint32_t downtime = 300, timeout = 0;
 	const char *on_timeout = "cancel";
-	bool json = false, compress = true, resume = false;
-	struct json_object *req;
+	const char *remote_vmig = NULL, *dest_name = NULL, *known_hosts = NULL, *identity = NULL;
+	const char *ssh_opt = NULL;
+	bool json = false, compress = true, resume = false, accept_new = false;
+	struct json_object *req, *ssh = NULL;
 	int c, ret;
 
 	optind = 1;
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, "D:t:o:nrjh", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":D:t:o:nrji:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'D':
 			ret = parse_u32("migrate", "--max-downtime", optarg, &downtime);
@@ -266,18 +336,56 @@ int cmd_migrate(int argc, char **argv)
 		case 'j':
 			json = true;
 			break;
+		case OPT_REMOTE_VMIG:
+			if (!*optarg)
+				return cli_usage_error("migrate", "--remote-vmig needs a command");
+			remote_vmig = optarg;
+			ssh_opt = "--remote-vmig";
+			break;
+		case OPT_DEST_NAME:
+			if (vmig_vm_name_valid(optarg) < 0)
+				return cli_usage_error("migrate", "bad --dest-name '%s'", optarg);
+			dest_name = optarg;
+			ssh_opt = "--dest-name";
+			break;
+		case OPT_KNOWN_HOSTS:
+			known_hosts = optarg;
+			ssh_opt = "--known-hosts";
+			break;
+		case OPT_ACCEPT_NEW:
+			accept_new = true;
+			ssh_opt = "--accept-new-host-key";
+			break;
+		case 'i':
+			identity = optarg;
+			ssh_opt = "--identity";
+			break;
 		case 'h':
 			printf("Usage: vmig migrate NAME URI [--max-downtime MS] [--timeout S "
 			       "--on-timeout cancel|force]\n"
-			       "                    [--no-compress] [--resume] [--json]\n\n"
+			       "                    [--no-compress] [--resume] [--json]\n"
+			       "                    [--remote-vmig CMD] [--dest-name NAME] "
+			       "[--known-hosts FILE]\n"
+			       "                    [--accept-new-host-key] [--identity FILE]\n\n"
 			       "Live-migrate VM NAME to a 'vmig incoming' listening at URI\n"
-			       "(tcp://HOST:PORT or unix:PATH).  Ctrl-C cancels: the VM keeps running here.\n\n"
+			       "(tcp://HOST:PORT or unix:PATH), or through SSH to HOST, where\n"
+			       "'vmig incoming --stdio' is started (ssh://[USER@]HOST[:PORT]).\n"
+			       "Ctrl-C cancels: the VM keeps running here.\n\n"
 			       "  -D, --max-downtime MS  pause the guest at most about this long (default 300)\n"
 			       "  -t, --timeout S        act if not converged after S seconds (default: never)\n"
 			       "  -o, --on-timeout WHAT  cancel (default) or force the switchover\n"
 			       "  -n, --no-compress      send pages raw instead of lz4\n"
 			       "  -r, --resume           a paused VM runs on arrival\n"
-			       "  -j, --json             print one JSON object with the result\n");
+			       "  -j, --json             print one JSON object with the result\n\n"
+			       "ssh:// only:\n"
+			       "      --remote-vmig CMD  run CMD instead of 'vmig' on HOST (a path, or\n"
+			       "                         'env VAR=... /path/vmig'; the remote shell runs it)\n"
+			       "      --dest-name NAME   name the VM NAME on HOST (default: its name here)\n"
+			       "      --known-hosts FILE check HOST's key in FILE (default ~/.ssh/known_hosts)\n"
+			       "      --accept-new-host-key  record the key of a host not in known_hosts\n"
+			       "                         (never one that changed)\n"
+			       "  -i, --identity FILE    log in with this private key after the ssh-agent's\n"
+			       "                         (default ~/.ssh/id_ed25519, id_ecdsa, id_rsa)\n");
 			return VMIG_EXIT_OK;
 		case ':':
 			return cli_usage_error("migrate", "option '%s' needs a value", argv[optind - 1]);
@@ -288,10 +396,21 @@ int cmd_migrate(int argc, char **argv)
 	if (argc - optind != 2)
 		return cli_usage_error("migrate", argc - optind < 2 ? "need NAME and URI" :
 				       "too many arguments");
-	if (strncmp(argv[optind + 1], "tcp://", 6) && strncmp(argv[optind + 1], "unix:", 5))
-		return cli_usage_error("migrate", "bad URI '%s': use tcp://HOST:PORT or unix:PATH "
-				       "(to write a file, use vmig save)", argv[optind + 1]);
+	if (strncmp(argv[optind + 1], "tcp://", 6) && strncmp(argv[optind + 1], "unix:", 5) &&
+	    strncmp(argv[optind + 1], "ssh://", 6))
+		return cli_usage_error("migrate", "bad URI '%s': use tcp://HOST:PORT, unix:PATH or "
+				       "ssh://[USER@]HOST[:PORT] (to write a file, use vmig save)",
+				       argv[optind + 1]);
+	if (!strncmp(argv[optind + 1], "ssh://", 6)) {
+		ssh = ssh_request(remote_vmig, dest_name, known_hosts, accept_new, identity);
+		if (!ssh)
+			return VMIG_EXIT_ERROR;
+	} else if (ssh_opt) {
+		return cli_usage_error("migrate", "%s is for ssh:// URIs only", ssh_opt);
+	}
 	req = vmig_ctl_request("migrate");
+	if (ssh)
+		json_object_object_add(req, "ssh", ssh);
 	json_object_object_add(req, "uri", json_object_new_string(argv[optind + 1]));
 	json_object_object_add(req, "max_downtime_ms", json_object_new_int64(downtime));
 	json_object_object_add(req, "timeout_s", json_object_new_int64(timeout));

@@ -32,28 +32,39 @@
 #include "cli.h"
 
 #define DEFAULT_MEMORY (256ull << 20)
+#define DEFAULT_CMDLINE "console=ttyS0"
 
 struct run_opts {
 	const char *name;
 	uint64_t memory;
 	unsigned int vcpus;
 	const char *workload;
+	const char *kernel;
+	const char *initrd;
+	const char *cmdline;
 	bool detach;
 };
 
 
 static void run_usage(FILE *f)
 {
-	fprintf(f, "Usage: vmig run NAME [--memory SIZE] [--vcpus N] [--workload SPEC] [--detach]\n\n"
-		"Start VM NAME in this process (its VMM) with the built-in test guest.\n\n"
+	fprintf(f, "Usage: vmig run NAME [--memory SIZE] [--vcpus N] [--workload SPEC] [--detach]\n"
+		"       vmig run NAME --kernel IMAGE [--initrd FILE] [--cmdline STRING] [...]\n\n"
+		"Start VM NAME in this process (its VMM) with the built-in test guest,\n"
+		"or with a Linux kernel.\n\n"
 		"  -m, --memory SIZE     guest RAM, e.g. 512M, 4G (default 256M)\n"
 		"  -c, --vcpus N         number of vCPUs, 1-%u (default 1)\n"
 		"  -w, --workload SPEC   test guest workload: rate=PAGES_PER_S|max,wss=SIZE,gens=N,quiet\n"
 		"                        (default rate=2000,wss=4M per vCPU, forever)\n"
+		"  -k, --kernel IMAGE    boot this Linux kernel (bzImage or ELF vmlinux, x86-64)\n"
+		"  -i, --initrd FILE     with this initrd or initramfs\n"
+		"  -a, --cmdline STRING  kernel command line (default \"" DEFAULT_CMDLINE "\")\n"
 		"  -d, --detach          run in the background once the control socket is up;\n"
 		"                        the console goes to RUN_DIR/NAME.log\n"
 		"  -h, --help            show this help\n\n"
-		"In the foreground the guest console is on standard output; Ctrl-C stops the VM.\n",
+		"In the foreground the guest console is on standard output and standard input\n"
+		"is typed into it; Ctrl-C stops the VM.  'vmig console NAME' attaches a\n"
+		"terminal to it from elsewhere.  A guest reboot restarts a --kernel VM.\n",
 		VMIG_VM_MAX_VCPUS);
 }
 
@@ -64,6 +75,9 @@ static int parse_run(int argc, char **argv, struct run_opts *o)
 		{ "vcpus",    required_argument, NULL, 'c' },
 		{ "workload", required_argument, NULL, 'w' },
 		{ "detach",   no_argument,       NULL, 'd' },
+		{ "kernel",   required_argument, NULL, 'k' },
+		{ "initrd",   required_argument, NULL, 'i' },
+		{ "cmdline",  required_argument, NULL, 'a' },
 		{ "help",     no_argument,       NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -76,7 +90,7 @@ static int parse_run(int argc, char **argv, struct run_opts *o)
 	o->vcpus = 1;
 	optind = 1;
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, "m:c:w:dh", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":m:c:w:dk:i:a:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'm':
 			if (vmig_size_parse(optarg, &o->memory) < 0)
@@ -98,6 +112,15 @@ static int parse_run(int argc, char **argv, struct run_opts *o)
 		case 'd':
 			o->detach = true;
 			break;
+		case 'k':
+			o->kernel = optarg;
+			break;
+		case 'i':
+			o->initrd = optarg;
+			break;
+		case 'a':
+			o->cmdline = optarg;
+			break;
 		case 'h':
 			run_usage(stdout);
 			exit(VMIG_EXIT_OK);
@@ -111,6 +134,13 @@ static int parse_run(int argc, char **argv, struct run_opts *o)
 		return cli_usage_error("run", optind >= argc ? "missing VM NAME" :
 				       "too many arguments");
 	o->name = argv[optind];
+	if (o->kernel && o->workload)
+		return cli_usage_error("run", "--workload is for the built-in guest; "
+				       "a --kernel VM runs what its kernel runs");
+	if (!o->kernel && (o->initrd || o->cmdline))
+		return cli_usage_error("run", "--initrd and --cmdline need a --kernel");
+	if (o->kernel && !o->cmdline)
+		o->cmdline = DEFAULT_CMDLINE;
 	if (vmig_vm_name_valid(o->name) < 0) {
 		cli_error("bad VM name '%s': use 1-64 letters, digits, '.', '_' or '-', "
 			  "not starting with '.' or '-'", o->name);
@@ -135,7 +165,8 @@ int cli_make_paths(const char *name, struct cli_paths *p)
 	}
 	if (vmig_rundir_path(p->dir, name, "pid", p->pid, sizeof(p->pid)) < 0 ||
 	    vmig_rundir_path(p->dir, name, "sock", p->sock, sizeof(p->sock)) < 0 ||
-	    vmig_rundir_path(p->dir, name, "log", p->log, sizeof(p->log)) < 0) {
+	    vmig_rundir_path(p->dir, name, "log", p->log, sizeof(p->log)) < 0 ||
+	    vmig_rundir_path(p->dir, name, "console", p->console, sizeof(p->console)) < 0) {
 		cli_error("run directory path too long: %s", p->dir);
 		return -ENAMETOOLONG;
 	}
@@ -258,9 +289,13 @@ static int vmm_main(const struct run_opts *o, const struct cli_paths *p, int not
 		.nr_vcpus = o->vcpus,
 		.workload = o->workload,
 		.console_fd = STDOUT_FILENO,
+		.kernel = o->kernel,
+		.initrd = o->initrd,
+		.cmdline = o->cmdline,
 	};
 	struct vmig_err err = { 0 };
 	struct vmig_vm *vm = NULL;
+	struct cli_console *console = NULL;
 	int sig_fd, listen_fd = -1, ret, code = VMIG_EXIT_ERROR;
 	char msg[4096 + 512];
 
@@ -279,6 +314,11 @@ static int vmm_main(const struct run_opts *o, const struct cli_paths *p, int not
 		snprintf(msg, sizeof(msg), "cannot listen on %s: %s", p->sock, strerror(-ret));
 		goto fail_msg;
 	}
+	ret = cli_console_start(vm, p->console, notify_fd < 0, &console);
+	if (ret) {
+		snprintf(msg, sizeof(msg), "cannot listen on %s: %s", p->console, strerror(-ret));
+		goto fail_msg;
+	}
 	ret = vmig_vm_start(vm, &err);
 	if (ret) {
 		snprintf(msg, sizeof(msg), "%s", err.msg);
@@ -295,6 +335,25 @@ static int vmm_main(const struct run_opts *o, const struct cli_paths *p, int not
 			"Ctrl-C stops it\n", o->name, o->vcpus, o->vcpus > 1 ? "s" : "", sz, p->sock);
 	}
 	code = cli_control_serve(vm, listen_fd, sig_fd);
+	/* A --kernel guest that reset itself boots again in a fresh VM. */
+	while (o->kernel && vmig_vm_reboot_requested(vm)) {
+		cli_console_set_vm(console, NULL);
+		vmig_vm_destroy(vm);
+		vm = NULL;
+		err = (struct vmig_err){ 0 };
+		ret = vmig_vm_create(&cfg, &vm, &err);
+		if (!ret)
+			ret = vmig_vm_start(vm, &err);
+		if (ret) {
+			cli_error("cannot restart VM '%s' after its reboot: %s", o->name,
+				  err.msg[0] ? err.msg : strerror(-ret));
+			code = VMIG_EXIT_ERROR;
+			break;
+		}
+		cli_console_set_vm(console, vm);
+		fprintf(stderr, "vmig: VM '%s' restarted\n", o->name);
+		code = cli_control_serve(vm, listen_fd, sig_fd);
+	}
 	goto out;
 
 fail_msg:
@@ -306,6 +365,7 @@ fail_msg:
 	if (o->detach)
 		fprintf(stderr, "vmig: %s\n", msg);
 out:
+	cli_console_stop(console);
 	if (listen_fd >= 0) {
 		unlink(p->sock);
 		close(listen_fd);

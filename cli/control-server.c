@@ -23,6 +23,7 @@
 #include <json-c/json.h>
 
 #include "vmig/migrate.h"
+#include "vmig/transport.h"
 #include "vmig/util.h"
 #include "vmig/vm.h"
 #include "cli.h"
@@ -110,8 +111,19 @@ static bool jbool(struct json_object *req, const char *key, bool dflt)
 	return json_object_object_get_ex(req, key, &v) ? json_object_get_boolean(v) : dflt;
 }
 
-/* "migrate" {uri, max_downtime_ms, timeout_s, on_timeout, compress, resume}
- * or "save" {path, keep_running}: the client then receives the progress. */
+/* A string member of @o, or NULL. */
+static const char *jstr_or_null(struct json_object *o, const char *key)
+{
+	struct json_object *v;
+
+	return json_object_object_get_ex(o, key, &v) && json_object_is_type(v, json_type_string) ?
+		json_object_get_string(v) : NULL;
+}
+
+/* "migrate" {uri, max_downtime_ms, timeout_s, on_timeout, compress, resume,
+ * ssh: {remote_vmig, dest_name, known_hosts, accept_new_host_key, identity,
+ * agent_socket}} or "save" {path, keep_running}: the client then receives
+ * the progress. */
 static struct json_object *start_migration(struct server *s, struct client *c,
 					   struct json_object *req, bool save)
 {
@@ -121,6 +133,7 @@ static struct json_object *start_migration(struct server *s, struct client *c,
 		.compress = true,
 	};
 	struct vmig_err err = { 0 };
+	struct vmig_ssh_options ssh = { 0 };
 	struct json_object *v, *reply;
 	char uri[4200];
 	int ret;
@@ -156,6 +169,17 @@ static struct json_object *start_migration(struct server *s, struct client *c,
 		}
 		p.compress = jbool(req, "compress", true);
 		p.resume_dst = jbool(req, "resume", false);
+		if (json_object_object_get_ex(req, "ssh", &v) &&
+		    json_object_is_type(v, json_type_object)) {
+			/* Strings owned by @req, which outlives the call; src copies. */
+			ssh.remote_vmig = jstr_or_null(v, "remote_vmig");
+			ssh.dest_name = jstr_or_null(v, "dest_name");
+			ssh.known_hosts = jstr_or_null(v, "known_hosts");
+			ssh.identity = jstr_or_null(v, "identity");
+			ssh.agent_socket = jstr_or_null(v, "agent_socket");
+			ssh.accept_new_host_key = jbool(v, "accept_new_host_key", false);
+			p.ssh = &ssh;
+		}
 	}
 	p.uri = uri;
 	ret = vmig_migrate_src_start(s->vm, &p, &s->mig, &err);
@@ -231,7 +255,7 @@ static struct json_object *handle_request(struct server *s, struct client *clien
 		return vmig_ctl_reply_ok();
 	}
 	return vmig_ctl_reply_error(EOPNOTSUPP, "unknown command \"%s\" (expected status, "
-				    "pause, resume or stop)", cmd);
+				    "pause, resume, stop, migrate, save or cancel)", cmd);
 }
 
 static void drop_client(struct server *s, unsigned int i)

@@ -177,6 +177,11 @@ static int receive(struct dst *d, const struct vmig_dst_params *p)
 	int ret, e;
 
 	for (;;) {
+		if (p->check_abort) {
+			ret = p->check_abort(p->check_arg, d->err);
+			if (ret)
+				return ret;
+		}
 		ret = vmig_stream_read_record(d->r, &rec, d->err);
 		if (ret)
 			return ret;
@@ -308,6 +313,11 @@ int vmig_migrate_dst_run(struct vmig_transport *t, const struct vmig_dst_params 
 		goto done;
 	}
 
+	if (p->check_abort) {
+		ret = p->check_abort(p->check_arg, err);
+		if (ret)
+			goto fail;
+	}
 	/* Everything is loaded: tell the source, then wait for its decision. */
 	ret = vmig_stream_write_record(d.w, VMIG_REC_READY, 0, NULL, 0);
 	if (!ret)

@@ -30,4 +30,8 @@ int vmig__fd_connect(const struct vmig_uri *u, const char *desc,
 int vmig__fd_listen(const struct vmig_uri *u, const char *desc,
 		    struct vmig_listener **out, struct vmig_err *err);
 
+/* ssh.c: parse what follows "ssh:" in @uri into @out. */
+int vmig__ssh_parse_uri(const char *rest, const char *uri, struct vmig_uri *out,
+			struct vmig_err *err);
+
 #endif /* VMIG_TRANSPORT_INTERNAL_H */

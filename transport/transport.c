@@ -213,6 +213,8 @@ int vmig_transport_parse_uri(const char *uri, struct vmig_uri *out,
 	}
 	if (!strcasecmp(scheme, "fd"))
 		return parse_fd(uri + slen + 1, uri, out, err);
+	if (!strcasecmp(scheme, "ssh"))
+		return vmig__ssh_parse_uri(uri + slen + 1, uri, out, err);
 	vmig_err_set(err, -EINVAL, "unsupported URI scheme '%s' (" EXPECTED ")", scheme);
 	return -EINVAL;
 }
@@ -234,6 +236,10 @@ int vmig_uri_format(const struct vmig_uri *u, char *buf, size_t len)
 		break;
 	case VMIG_URI_FD:
 		n = snprintf(buf, len, "fd:%d", u->fd);
+		break;
+	case VMIG_URI_SSH:
+		n = snprintf(buf, len, strchr(u->host, ':') ? "ssh://%s%s[%s]:%u" : "ssh://%s%s%s:%u",
+			     u->user, u->user[0] ? "@" : "", u->host, u->port);
 		break;
 	default:
 		n = snprintf(buf, len, "(bad URI)");
@@ -489,6 +495,10 @@ int vmig_transport_connect(const char *uri, int timeout_ms,
 		ret = vmig_transport_open_file(u->path, true, out, err);
 		goto out;
 	}
+	if (u->kind == VMIG_URI_SSH) {
+		ret = vmig_transport_connect_ssh(uri, NULL, timeout_ms, out, err);
+		goto out;
+	}
 	if (u->kind == VMIG_URI_TCP && u->port == 0) {
 		vmig_err_set(err, -EINVAL, "cannot connect to port 0 in '%s'", uri);
 		ret = -EINVAL;
@@ -521,7 +531,9 @@ int vmig_transport_listen(const char *uri, struct vmig_listener **out,
 		vmig_err_set(err, -EINVAL,
 			     "cannot listen on '%s': only tcp://HOST:PORT and unix:PATH listen%s",
 			     uri, u->kind == VMIG_URI_FILE ?
-			     " (to load a saved file, use vmig restore)" : "");
+			     " (to load a saved file, use vmig restore)" :
+			     u->kind == VMIG_URI_SSH ?
+			     " (ssh:// is for vmig migrate, which starts 'vmig incoming --stdio' itself)" : "");
 		ret = -EINVAL;
 		goto out;
 	}

@@ -8,7 +8,9 @@
  *   cpu.sregs, cpu.regs, cpu.xsave, cpu.xcrs, cpu.lapic, cpu.msrs,
  *   cpu.debugregs, cpu.events;
  *   per VM (instance 0): irqchip.pic-master, irqchip.pic-slave,
- *   irqchip.ioapic, pit, clock, serial.
+ *   irqchip.ioapic, pit, clock, serial; and, optional on load (a source
+ *   without them gets the devices' reset state), serial.ext (the UART's
+ *   receive buffer and interrupt state) and cmos (RTC offset and NVRAM).
  *
  * Load order matters and is fixed here, whatever order the sections
  * arrived in: CPUID before anything (it decides which MSRs and XSAVE
@@ -29,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <time.h>
 
 #include "vmm-internal.h"
 
@@ -232,6 +235,8 @@ int vmig_vm_state_save(struct vmig_vm *vm, vmig_vm_state_emit_fn *emit, void *ar
 		       struct vmig_err *err)
 {
 	struct vmig__serial_state ss;
+	struct vmig__serial_ext_state *sx;
+	struct vmig__cmos_state cs;
 	unsigned int i;
 	int ret;
 
@@ -252,8 +257,19 @@ int vmig_vm_state_save(struct vmig_vm *vm, vmig_vm_state_emit_fn *emit, void *ar
 			       emit, arg, err);
 	if (ret)
 		return ret;
-	vmig__serial_save(&vm->serial, &ss);
+	sx = malloc(sizeof(*sx));
+	if (!sx) {
+		vmig_err_set(err, -ENOMEM, "out of memory");
+		return -ENOMEM;
+	}
+	vmig__serial_save(&vm->serial, &ss, sx);
 	ret = emit(arg, "serial", 1, 0, &ss, sizeof(ss));
+	if (!ret)
+		ret = emit(arg, "serial.ext", 1, 0, sx, sizeof(*sx));
+	free(sx);
+	vmig__cmos_save(&vm->cmos, &cs);
+	if (!ret)
+		ret = emit(arg, "cmos", 1, 0, &cs, sizeof(cs));
 	for (i = 0; !ret && i < vm->cfg.nr_vcpus; i++)
 		ret = save_vcpu(vm, &vm->vcpus[i], emit, arg, err);
 	return ret;
@@ -443,6 +459,48 @@ static int load_irqchip(struct vmig_vm *vm, unsigned int chip, const char *name,
 	return 0;
 }
 
+/* Whether to let KVM advance the saved clock by the real time since the save. */
+static bool live_clock(struct vmig_vm *vm, const struct kvm_clock_data *c)
+{
+	int caps = ioctl(vm->kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_ADJUST_CLOCK);
+	struct timespec now;
+	uint64_t now_ns;
+
+	if (caps <= 0 || !(caps & KVM_CLOCK_REALTIME) || !(c->flags & KVM_CLOCK_REALTIME))
+		return false;
+	clock_gettime(CLOCK_REALTIME, &now);
+	now_ns = (uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec;
+	return now_ns >= c->realtime && now_ns - c->realtime < 60ull * 1000000000ull;
+}
+
+/* An optional section: NULL if absent, -EBADMSG if present but wrong. */
+static int optional(const struct vmig_state_section *s, size_t n, const char *name,
+		    size_t size, const struct vmig_state_section **out, struct vmig_err *err)
+{
+	*out = NULL;
+	if (!find(s, n, name, 0))
+		return 0;
+	return need(s, n, name, 0, size, out, err);
+}
+
+/* The UART (after the irqchip: it drives IRQ 4 to its saved level) and CMOS. */
+static int load_devices(struct vmig_vm *vm, const struct vmig_state_section *serial,
+			const struct vmig_state_section *s, size_t n, struct vmig_err *err)
+{
+	const struct vmig_state_section *sx, *cs;
+	int ret;
+
+	ret = optional(s, n, "serial.ext", sizeof(struct vmig__serial_ext_state), &sx, err);
+	if (!ret)
+		ret = optional(s, n, "cmos", sizeof(struct vmig__cmos_state), &cs, err);
+	if (ret)
+		return ret;
+	vmig__serial_load(&vm->serial, serial->data, sx ? sx->data : NULL);
+	if (cs)
+		vmig__cmos_load(&vm->cmos, cs->data);
+	return 0;
+}
+
 int vmig_vm_state_load(struct vmig_vm *vm, const struct vmig_state_section *s, size_t n,
 		       struct vmig_err *err)
 {
@@ -468,7 +526,9 @@ int vmig_vm_state_load(struct vmig_vm *vm, const struct vmig_state_section *s, s
 		ret = need(s, n, "serial", 0, sizeof(struct vmig__serial_state), &sec, err);
 	if (ret)
 		return ret;
-	vmig__serial_load(&vm->serial, sec->data);
+	ret = load_devices(vm, sec, s, n, err);
+	if (ret)
+		return ret;
 
 	for (i = 0; i < vm->cfg.nr_vcpus; i++) {
 		ret = load_vcpu(vm, &vm->vcpus[i], s, n, err);
@@ -483,14 +543,20 @@ int vmig_vm_state_load(struct vmig_vm *vm, const struct vmig_state_section *s, s
 
 	/*
 	 * The clock last: KVM_SET_CLOCK sets kvmclock's base so the guest's
-	 * clock continues from the source's value.  Only the realtime-free
-	 * fields are passed: the flags KVM reports are not all accepted back.
+	 * clock continues from the source's value.  When the source also
+	 * recorded its host's CLOCK_REALTIME at the save, and this KVM takes
+	 * KVM_CLOCK_REALTIME, KVM adds the real time that passed since, so a
+	 * live-migrated guest's clock neither stalls for the downtime nor
+	 * falls behind the hosts'.  A state older than a minute is a restore
+	 * from a file: the clock resumes where it stopped, as after a pause
+	 * (a guest clock jumping by hours would upset its timers more than a
+	 * stale wall clock, which NTP fixes).  Other flags are not accepted back.
 	 */
 	ret = need(s, n, "clock", 0, sizeof(clock), &sec, err);
 	if (ret)
 		return ret;
 	memcpy(&clock, sec->data, sizeof(clock));
-	clock.flags = 0;
+	clock.flags = live_clock(vm, &clock) ? KVM_CLOCK_REALTIME : 0;
 	if (ioctl(vm->vm_fd, KVM_SET_CLOCK, &clock) < 0) {
 		vmig_err_set(err, -errno, "KVM refused the guest clock: %s", strerror(errno));
 		return -errno;

@@ -32,6 +32,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <asm/kvm_para.h>
+
 #include "vmig/guest-abi.h"
 #include "vmm-internal.h"
 
@@ -137,6 +139,21 @@ int vmig__vcpu_create(struct vmig_vm *vm, unsigned int id, struct vmig_err *err)
 			e->edx |= 1u << 28;            /* HTT: more than one logical CPU */
 		} else if (e->function == 0xb || e->function == 0x1f) {
 			e->edx = id;
+		} else if (e->function == KVM_CPUID_FEATURES) {
+			/*
+			 * No paravirtual features that work by hypercall (PV IPIs,
+			 * sched yield, PV unhalt): a KVM that emulates guest ring
+			 * 0 may not complete VMCALL/VMMCALL, and the guest then
+			 * spins on it.  Nor asynchronous page faults, whose
+			 * host-side state does not migrate.  kvmclock stays.
+			 */
+			e->eax &= ~((1u << KVM_FEATURE_PV_SEND_IPI) |
+				    (1u << KVM_FEATURE_PV_SCHED_YIELD) |
+				    (1u << KVM_FEATURE_PV_UNHALT) |
+				    (1u << KVM_FEATURE_ASYNC_PF) |
+				    (1u << KVM_FEATURE_ASYNC_PF_INT) |
+				    (1u << KVM_FEATURE_ASYNC_PF_VMEXIT) |
+				    (1u << KVM_FEATURE_POLL_CONTROL));
 		}
 	}
 	ret = ioctl(vcpu->fd, KVM_SET_CPUID2, cpuid) < 0 ? -errno : 0;
@@ -187,6 +204,8 @@ static void handle_io(struct vmig__vcpu *vcpu)
 
 		if (port >= 0x3f8 && port < 0x400 && run->io.size == 1) {
 			vmig__serial_io(&vm->serial, port - 0x3f8, wr, data);
+		} else if (vmig__platform_io(vm, port, wr, data, run->io.size)) {
+			continue;
 		} else if (port == VMIG_GUEST_EXIT_PORT && wr) {
 			if (data[0] == 0)
 				vmig__vm_stop_self(vm, 0, "the guest powered off");
@@ -207,25 +226,121 @@ static void handle_io(struct vmig__vcpu *vcpu)
 	}
 }
 
+/*
+ * The bytes of the instruction at RIP, for an emulation failure: from KVM's
+ * report if it has them, else read through the guest's page tables.
+ * Returns how many bytes were found (0..15).
+ */
+static unsigned int insn_bytes(struct vmig__vcpu *vcpu, uint64_t rip, uint8_t *out)
+{
+	struct kvm_run *run = vcpu->run;
+	struct kvm_sregs sregs;
+	uint64_t linear = rip;
+	unsigned int n = 0;
+	uint8_t *p;
+
+	if (run->emulation_failure.suberror == KVM_INTERNAL_ERROR_EMULATION &&
+	    run->emulation_failure.ndata >= 3 &&
+	    (run->emulation_failure.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) &&
+	    run->emulation_failure.insn_size) {
+		n = run->emulation_failure.insn_size;
+		if (n > 15)
+			n = 15;
+		memcpy(out, run->emulation_failure.insn_bytes, n);
+		return n;
+	}
+	if (ioctl(vcpu->fd, KVM_GET_SREGS, &sregs) == 0)
+		linear += sregs.cs.base;
+	/* Byte by byte: the instruction may cross into an unmapped page. */
+	for (n = 0; n < 15; n++) {
+		struct kvm_translation t = { .linear_address = linear + n };
+
+		if (ioctl(vcpu->fd, KVM_TRANSLATE, &t) < 0 || !t.valid)
+			break;
+		p = vmig_vm_gpa_to_hva(vcpu->vm, t.physical_address, 1);
+		if (!p)
+			break;
+		out[n] = *p;
+	}
+	return n;
+}
+
+/*
+ * Some KVMs run guest ring 0 in KVM's instruction emulator (no hardware
+ * virtualization, e.g. kvm_pvm), which gives up on a few instructions a
+ * kernel does use.  Two are simple enough to finish here: INT3 (a #BP
+ * trap: RIP moves past it, then the exception is injected, which is what
+ * the CPU does) and WAIT/FWAIT (nothing to wait for: vmig's guests have no
+ * pending x87 exceptions).  Linux runs one INT3 at boot, its alternatives
+ * self-test, and more whenever it patches live code.  Returns true if the
+ * instruction was completed and the vCPU may go on.
+ */
+static bool finish_unemulated(struct vmig__vcpu *vcpu)
+{
+	struct kvm_run *run = vcpu->run;
+	struct kvm_vcpu_events ev;
+	struct kvm_regs regs;
+	uint8_t insn[15];
+
+	if (run->internal.suberror != KVM_INTERNAL_ERROR_EMULATION)
+		return false;
+	if (ioctl(vcpu->fd, KVM_GET_REGS, &regs) < 0 || insn_bytes(vcpu, regs.rip, insn) < 1)
+		return false;
+	if (insn[0] != 0xcc && insn[0] != 0x9b)
+		return false;
+	if (insn[0] == 0xcc) {
+		if (ioctl(vcpu->fd, KVM_GET_VCPU_EVENTS, &ev) < 0 || ev.exception.injected ||
+		    ev.interrupt.injected || ev.nmi.injected)
+			return false;
+	}
+	regs.rip++;
+	if (ioctl(vcpu->fd, KVM_SET_REGS, &regs) < 0)
+		return false;
+	if (insn[0] == 0xcc) {
+		ev.exception.injected = 1;
+		ev.exception.nr = 3;                  /* #BP */
+		ev.exception.has_error_code = 0;
+		ev.exception.error_code = 0;
+		ev.flags = 0;
+		if (ioctl(vcpu->fd, KVM_SET_VCPU_EVENTS, &ev) < 0) {
+			vmig_log(VMIG_LOG_WARN, "vCPU %u: cannot inject #BP: %s", vcpu->id,
+				 strerror(errno));
+			return false;
+		}
+	}
+	vcpu->unemulated++;
+	vmig_log(VMIG_LOG_DEBUG, "vCPU %u: finished %s at rip 0x%llx for KVM's emulator",
+		 vcpu->id, insn[0] == 0xcc ? "INT3" : "FWAIT", (unsigned long long)regs.rip - 1);
+	return true;
+}
+
 static void report_internal_error(struct vmig__vcpu *vcpu)
 {
 	struct kvm_run *run = vcpu->run;
 	struct kvm_regs regs;
 	unsigned long long rip = 0;
-	char extra[160] = "";
-	size_t len = 0;
-	uint32_t i;
+	char extra[160] = "", bytes[64] = "";
+	uint8_t insn[15];
+	size_t len = 0, blen = 0;
+	unsigned int i, n = 0;
 
-	if (ioctl(vcpu->fd, KVM_GET_REGS, &regs) == 0)
+	if (ioctl(vcpu->fd, KVM_GET_REGS, &regs) == 0) {
 		rip = regs.rip;
+		n = insn_bytes(vcpu, rip, insn);
+	}
+	for (i = 0; i < n && blen < sizeof(bytes); i++)
+		blen += snprintf(bytes + blen, sizeof(bytes) - blen, "%s%02x", i ? " " : "", insn[i]);
 	for (i = 0; i < run->internal.ndata && i < 4 && len < sizeof(extra); i++)
 		len += snprintf(extra + len, sizeof(extra) - len, " 0x%llx",
 				(unsigned long long)run->internal.data[i]);
 	vmig__vm_stop_self(vcpu->vm, -1,
-			   "vCPU %u stopped: KVM internal error, suberror %u%s at rip 0x%llx%s%s",
+			   "vCPU %u stopped: KVM internal error, suberror %u%s at rip 0x%llx"
+			   "%s%s%s%s%s",
 			   vcpu->id, run->internal.suberror,
 			   run->internal.suberror == KVM_INTERNAL_ERROR_EMULATION ?
-			   " (instruction emulation failed)" : "", rip,
+			   " (KVM cannot emulate this instruction)" : "", rip,
+			   n ? ", instruction bytes " : "", bytes,
+			   n ? "" : " (instruction bytes unreadable)",
 			   len ? ", data" : "", extra);
 }
 
@@ -276,6 +391,8 @@ static bool handle_exit(struct vmig__vcpu *vcpu)
 					   vcpu->id, run->system_event.type);
 		return false;
 	case KVM_EXIT_INTERNAL_ERROR:
+		if (finish_unemulated(vcpu))
+			return true;
 		report_internal_error(vcpu);
 		return false;
 	case KVM_EXIT_FAIL_ENTRY:

@@ -63,6 +63,18 @@ static int check_config(const struct vmig_vm_config *cfg, struct vmig_err *err)
 	}
 	if (cfg->incoming)
 		return 0;
+	if (cfg->kernel) {
+		if (cfg->workload) {
+			vmig_err_set(err, -EINVAL, "a VM boots either a Linux --kernel or the "
+				     "built-in guest's --workload, not both");
+			return -EINVAL;
+		}
+		return 0;
+	}
+	if (cfg->initrd || cfg->cmdline) {
+		vmig_err_set(err, -EINVAL, "an initrd or a kernel command line needs a --kernel");
+		return -EINVAL;
+	}
 	return vmig_guest_workload_check(cfg->workload, cfg->mem_size, cfg->nr_vcpus, err);
 }
 
@@ -141,6 +153,7 @@ static int create_machine(struct vmig_vm *vm, struct vmig_err *err)
 		vmig_err_set(err, ret, "cannot create the in-kernel PIT: %s", strerror(-ret));
 		return ret;
 	}
+	vmig__serial_set_irq(&vm->serial, vm->vm_fd);
 	return 0;
 }
 
@@ -149,6 +162,8 @@ static int load_guest(struct vmig_vm *vm, struct vmig_err *err)
 	char cmdline[1024];
 	int n;
 
+	if (vm->kernel)
+		return vmig__linux_load_files(vm, err);
 	n = snprintf(cmdline, sizeof(cmdline), "vcpus=%u tsc_khz=%u %s",
 		     vm->cfg.nr_vcpus, vm->tsc_khz, vm->workload ? vm->workload : "");
 	if (n < 0 || (size_t)n >= sizeof(cmdline)) {
@@ -190,14 +205,26 @@ int vmig_vm_create(const struct vmig_vm_config *cfg, struct vmig_vm **out,
 	vm->cfg = *cfg;
 	vm->name = strdup(cfg->name);
 	vm->workload = cfg->workload ? strdup(cfg->workload) : NULL;
-	if (!vm->name || (cfg->workload && !vm->workload)) {
+	vm->kernel = cfg->kernel && !cfg->incoming ? strdup(cfg->kernel) : NULL;
+	vm->initrd = cfg->initrd && !cfg->incoming ? strdup(cfg->initrd) : NULL;
+	vm->cmdline = cfg->cmdline && !cfg->incoming ? strdup(cfg->cmdline) : NULL;
+	if (!vm->name || (cfg->workload && !vm->workload) ||
+	    (cfg->kernel && !cfg->incoming && !vm->kernel) ||
+	    (cfg->initrd && !cfg->incoming && !vm->initrd) ||
+	    (cfg->cmdline && !cfg->incoming && !vm->cmdline)) {
 		ret = -ENOMEM;
 		vmig_err_set(err, ret, "out of memory");
 		goto fail;
 	}
 	vm->cfg.name = vm->name;
 	vm->cfg.workload = vm->workload;
+	vm->cfg.kernel = vm->kernel;
+	vm->cfg.initrd = vm->initrd;
+	vm->cfg.cmdline = vm->cmdline;
 	vmig__serial_init(&vm->serial, cfg->console_fd);
+	vmig__cmos_init(&vm->cmos, cfg->mem_size < VMIG_VM_LOW_RAM_END ? cfg->mem_size :
+			VMIG_VM_LOW_RAM_END, cfg->mem_size > VMIG_VM_LOW_RAM_END ?
+			cfg->mem_size - VMIG_VM_LOW_RAM_END : 0);
 
 	vm->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (vm->event_fd < 0) {
@@ -386,10 +413,14 @@ void vmig_vm_destroy(struct vmig_vm *vm)
 		close(vm->event_fd);
 	free(vm->cpuid);
 	vmig__serial_fini(&vm->serial);
+	vmig__cmos_fini(&vm->cmos);
 	pthread_cond_destroy(&vm->cond);
 	pthread_mutex_destroy(&vm->lock);
 	free(vm->name);
 	free(vm->workload);
+	free(vm->kernel);
+	free(vm->initrd);
+	free(vm->cmdline);
 	free(vm);
 }
 
@@ -428,6 +459,27 @@ const char *vmig_vm_stop_reason(const struct vmig_vm *vm)
 int vmig_vm_exit_code(const struct vmig_vm *vm)
 {
 	return vm->exit_code;
+}
+
+bool vmig_vm_reboot_requested(const struct vmig_vm *vm)
+{
+	struct vmig_vm *v = (struct vmig_vm *)vm;
+	bool r;
+
+	pthread_mutex_lock(&v->lock);
+	r = v->reboot;
+	pthread_mutex_unlock(&v->lock);
+	return r;
+}
+
+size_t vmig_vm_console_input(struct vmig_vm *vm, const void *buf, size_t len)
+{
+	return vmig__serial_input(&vm->serial, buf, len);
+}
+
+int vmig_vm_console_tap(struct vmig_vm *vm, int fd)
+{
+	return vmig__serial_set_tap(&vm->serial, fd);
 }
 
 const struct vmig_vm_config *vmig_vm_config(const struct vmig_vm *vm)

@@ -10,11 +10,19 @@
 
 #include "vmig/vm.h"
 
-/* 16550 UART, transmit side plus the registers a driver probes. */
+/* 16550A UART at COM1 with receive and IRQ 4 (serial.c). */
+#define VMIG__SERIAL_RX_SIZE 4096u
+
 struct vmig__serial {
 	pthread_mutex_t lock;
 	int out_fd;
+	int tap_fd;                  /* an attached console client, or -1 */
+	int vm_fd;                   /* for KVM_IRQ_LINE, or -1: no interrupts */
 	uint8_t ier, lcr, mcr, scr, dll, dlm, fcr;
+	bool thr_ipending;
+	bool irq_level;
+	unsigned int rx_head, rx_count;
+	uint8_t rx[VMIG__SERIAL_RX_SIZE];
 };
 
 /* The UART's register state, as migrated (section "serial", version 1). */
@@ -22,13 +30,57 @@ struct vmig__serial_state {
 	uint8_t ier, lcr, mcr, scr, dll, dlm, fcr, reserved;
 };
 
-void vmig__serial_save(struct vmig__serial *s, struct vmig__serial_state *out);
-void vmig__serial_load(struct vmig__serial *s, const struct vmig__serial_state *in);
+/* The rest of it (section "serial.ext", version 1; optional on load). */
+struct vmig__serial_ext_state {
+	uint8_t thr_ipending, irq_level, reserved[2];
+	uint32_t rx_count;
+	uint8_t rx[VMIG__SERIAL_RX_SIZE];
+};
+
+void vmig__serial_save(struct vmig__serial *s, struct vmig__serial_state *out,
+		       struct vmig__serial_ext_state *ext);
+/* @ext NULL: a source without it.  Call after the irqchip is loaded. */
+void vmig__serial_load(struct vmig__serial *s, const struct vmig__serial_state *in,
+		       const struct vmig__serial_ext_state *ext);
 void vmig__serial_init(struct vmig__serial *s, int out_fd);
 void vmig__serial_fini(struct vmig__serial *s);
+/* Raise IRQ 4 through this VM fd from now on. */
+void vmig__serial_set_irq(struct vmig__serial *s, int vm_fd);
 /* Port access at offset 0..7 from the base; @data is 1 byte. */
 void vmig__serial_io(struct vmig__serial *s, unsigned int off, bool is_write,
 		     uint8_t *data);
+/* Bytes typed at the console; returns how many fit (the rest is refused). */
+size_t vmig__serial_input(struct vmig__serial *s, const uint8_t *buf, size_t len);
+/* Copy output to @fd too (-1: stop); returns the previous tap fd. */
+int vmig__serial_set_tap(struct vmig__serial *s, int fd);
+
+/* CMOS RTC and NVRAM at 0x70/0x71 (platform.c). */
+struct vmig__cmos {
+	pthread_mutex_t lock;
+	uint8_t index;
+	int64_t offset_s;            /* guest-set time minus host time */
+	uint8_t ram[128];
+};
+
+/* As migrated (section "cmos", version 1; optional on load). */
+struct vmig__cmos_state {
+	uint8_t index, reserved[7];
+	int64_t offset_s;
+	uint8_t ram[128];
+};
+
+void vmig__cmos_init(struct vmig__cmos *c, uint64_t low_mem, uint64_t high_mem);
+void vmig__cmos_fini(struct vmig__cmos *c);
+void vmig__cmos_io(struct vmig__cmos *c, unsigned int off, bool is_write, uint8_t *data);
+void vmig__cmos_save(struct vmig__cmos *c, struct vmig__cmos_state *out);
+void vmig__cmos_load(struct vmig__cmos *c, const struct vmig__cmos_state *in);
+
+/*
+ * The rest of the PC's ports: i8042 (a reset through 0xfe, for reboot=k)
+ * and the reset control register 0xcf9.  Returns true if it took the port.
+ */
+bool vmig__platform_io(struct vmig_vm *vm, uint16_t port, bool is_write, uint8_t *data,
+		       unsigned int size);
 
 struct vmig__vcpu {
 	struct vmig_vm *vm;
@@ -40,6 +92,7 @@ struct vmig__vcpu {
 	size_t ring_bytes;
 	pthread_t thread;
 	bool thread_started;
+	uint64_t unemulated;          /* INT3/FWAIT finished by vcpu.c */
 	/* Protected by vm->lock. */
 	bool pause_req;
 	bool paused;
@@ -66,6 +119,11 @@ struct vmig_vm {
 	void *ring_full_arg;
 	struct vmig__vcpu vcpus[VMIG_VM_MAX_VCPUS];
 	struct vmig__serial serial;
+	struct vmig__cmos cmos;
+	char *kernel;             /* --kernel image path, or NULL: built-in guest */
+	char *initrd;
+	char *cmdline;
+	bool reboot;              /* the guest asked for a reset (under lock) */
 
 	pthread_mutex_t lock;
 	pthread_cond_t cond;      /* vCPU paused/exited, or request changed */
@@ -99,6 +157,17 @@ void vmig__vm_stop_self(struct vmig_vm *vm, int exit_code, const char *fmt, ...)
 /* multiboot.c */
 int vmig__multiboot_load(struct vmig_vm *vm, const uint8_t *image, size_t size,
 			 const char *cmdline, struct vmig_err *err);
+
+/* linux.c */
+bool vmig__linux_is_bzimage(const uint8_t *image, size_t size);
+/* Load a bzImage or ELF vmlinux, initrd and command line; BSP in long mode. */
+int vmig__linux_load(struct vmig_vm *vm, const uint8_t *image, size_t size,
+		     const uint8_t *initrd, size_t initrd_size, const char *cmdline,
+		     struct vmig_err *err);
+/* Read cfg.kernel/initrd from disk and load them. */
+int vmig__linux_load_files(struct vmig_vm *vm, struct vmig_err *err);
+/* Write an MP floating pointer and table for @nr_vcpus at @base (1 KiB). */
+size_t vmig__mptable_write(uint8_t *base, uint32_t gpa, unsigned int nr_vcpus);
 
 /* guest-blob.S: the built-in test guest */
 extern const uint8_t vmig__guest_image[];

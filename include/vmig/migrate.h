@@ -32,8 +32,13 @@ enum vmig_on_timeout {
 	VMIG_ON_TIMEOUT_FORCE,      /* switch over now, whatever the downtime */
 };
 
+struct vmig_ssh_options;
+
 struct vmig_migrate_params {
-	const char *uri;            /* tcp://HOST:PORT, unix:PATH, file:PATH */
+	const char *uri;            /* tcp://HOST:PORT, unix:PATH, file:PATH,
+	                               ssh://[USER@]HOST[:PORT] */
+	const struct vmig_ssh_options *ssh;  /* ssh:// only (transport.h);
+	                               NULL: the defaults; copied */
 	uint32_t max_downtime_ms;   /* default 300 */
 	uint32_t timeout_s;         /* 0 = none */
 	enum vmig_on_timeout on_timeout;
@@ -110,6 +115,13 @@ struct vmig_dst_params {
 	 */
 	int (*claim)(void *arg, const char *name, struct vmig_err *err);
 	void *claim_arg;
+	/*
+	 * Optional, called before each record and before READY: non-zero
+	 * (with @err set) abandons the migration before the handoff, e.g. on
+	 * a signal; the source is told and keeps the VM.
+	 */
+	int (*check_abort)(void *arg, struct vmig_err *err);
+	void *check_arg;
 	/* Progress, optional: called after every ITER_END. */
 	void (*progress)(void *arg, uint64_t iteration, uint64_t bytes);
 	void *progress_arg;

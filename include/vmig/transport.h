@@ -12,6 +12,8 @@
  *   unix:PATH         a unix stream socket
  *   file:PATH         a regular file (save/restore)
  *   fd:N              an inherited, already connected file descriptor
+ *   ssh://[USER@]HOST[:PORT]  `vmig incoming --stdio` run on HOST through
+ *                     SSH (transport/ssh.c; connect only)
  *
  * Threads: a transport belongs to one reading thread and one writing
  * thread at a time (a socket may be read by one thread while another
@@ -44,6 +46,7 @@ enum vmig_uri_kind {
 	VMIG_URI_UNIX,
 	VMIG_URI_FILE,
 	VMIG_URI_FD,
+	VMIG_URI_SSH,
 };
 
 /* Longest unix socket path (sizeof(sun_path) - 1). */
@@ -55,6 +58,7 @@ struct vmig_uri {
 	uint16_t port;           /* tcp: 0 asks listen for an ephemeral port */
 	char path[4096];         /* unix, file */
 	int fd;                  /* fd */
+	char user[256];          /* ssh: login name, "" = the local user */
 };
 
 /*
@@ -84,7 +88,7 @@ struct vmig_transport;
  * t->err directly if only one thread uses the transport).
  */
 struct vmig_transport_ops {
-	const char *kind;        /* "tcp", "unix", "fd", "file" */
+	const char *kind;        /* "tcp", "unix", "fd", "file", "ssh" */
 	/* Read 1..@len bytes; 0 at end of stream; honours t->timeout_ms. */
 	ssize_t (*read)(struct vmig_transport *t, void *buf, size_t len);
 	/* Write 1..@len bytes; never raises SIGPIPE; honours t->timeout_ms. */
@@ -259,5 +263,92 @@ int vmig_listener_fd(const struct vmig_listener *l);
 
 /* Close; removes a unix socket file it created.  NULL-safe. */
 void vmig_listener_close(struct vmig_listener *l);
+
+/* ------------------------------------------------------------------------
+ * SSH (transport/ssh.c)
+ *
+ * `vmig migrate NAME ssh://[USER@]HOST[:PORT]` logs in to HOST with
+ * libssh2 and runs `vmig incoming --stdio [--name DEST]` there; the
+ * migration stream goes to that command's stdin and its replies come back
+ * on its stdout, over one SSH channel.
+ *
+ * Unlike the fd backends, an SSH transport must be used by one thread at
+ * a time for reading and writing alike (a libssh2 session is not
+ * thread-safe); the source's migration thread is the only user.
+ */
+
+/* Receive window and largest packet asked for on the channel. */
+#define VMIG_SSH_WINDOW          (16u << 20)
+#define VMIG_SSH_PACKET          32768u
+/* An SSH keepalive goes out after this many idle seconds. */
+#define VMIG_SSH_KEEPALIVE_S     5
+
+struct vmig_ssh_options {
+	/* The remote command, run by the remote user's shell as given (it may
+	 * be a path, or carry an env prefix); NULL: "vmig". */
+	const char *remote_vmig;
+	/* --name for the remote `vmig incoming`, or NULL (the source's name). */
+	const char *dest_name;
+	/* OpenSSH known_hosts file; NULL: ~/.ssh/known_hosts. */
+	const char *known_hosts;
+	/* Record the key of a host not in known_hosts yet (never replaces a
+	 * changed key), like OpenSSH's StrictHostKeyChecking=accept-new. */
+	bool accept_new_host_key;
+	/* Private key file to log in with after the agent's keys; NULL: the
+	 * first of ~/.ssh/id_ed25519, id_ecdsa, id_rsa that exist. */
+	const char *identity;
+	/* ssh-agent socket; NULL: $SSH_AUTH_SOCK; "": no agent. */
+	const char *agent_socket;
+};
+
+/*
+ * Connect to @uri (ssh://[USER@]HOST[:PORT], PORT 22 by default, USER the
+ * local user by default) with @opts (NULL: all defaults):
+ *
+ *  - TCP with keepalives as for tcp:// (a dead host is noticed in about
+ *    10 s), the SSH handshake preferring fast ciphers;
+ *  - the host key checked against known_hosts (OpenSSH format, hashed
+ *    entries too) before any credential is offered: an unknown or a
+ *    changed key is refused with its SHA256 fingerprint and what to do;
+ *  - public-key authentication, never a prompt: the agent's keys, then the
+ *    identity file(s);
+ *  - a session channel running `REMOTE_VMIG incoming --stdio [--name
+ *    DEST]`.
+ *
+ * All of it within @timeout_ms (-1: no limit).  Returns 0 and the
+ * transport in *out, or -errno with a message naming the address in @err:
+ * -ECONNREFUSED & co for TCP, -EKEYREJECTED (changed host key), -ENOKEY
+ * (unknown host key), -EACCES (authentication), -EPROTO (SSH itself).
+ *
+ * Reads and writes honour the transport's timeout; a remote command that
+ * ends (vmig missing there, it exited, it was killed) fails them with its
+ * exit status and the last line it wrote to stderr.  The transport's fd
+ * (vmig_transport_fd) is an eventfd that polls readable once a reply or
+ * the end of the replies has been received, as seen by the last call on
+ * the transport (vmig_transport_fd itself takes in what has arrived): poll
+ * it with a zero timeout between reads and writes, not to sleep on.
+ */
+int vmig_transport_connect_ssh(const char *uri, const struct vmig_ssh_options *opts,
+			       int timeout_ms, struct vmig_transport **out,
+			       struct vmig_err *err);
+
+/*
+ * The round trip time of @t's connection as TCP measures it (its set-up
+ * took several round trips and some crypto, so timing that would
+ * overestimate it badly), in ns; 0 if unknown or @t is not SSH.
+ */
+uint64_t vmig_transport_ssh_rtt_ns(struct vmig_transport *t);
+
+/*
+ * A copy of @in in one allocation (release it with free()), or NULL when
+ * out of memory.  @in NULL copies the defaults.
+ */
+struct vmig_ssh_options *vmig_ssh_options_dup(const struct vmig_ssh_options *in);
+
+/*
+ * The command run on the remote host for @opts, as the remote shell sees
+ * it ("vmig incoming --stdio --name 'web1'").  0 or -ENOSPC.
+ */
+int vmig_ssh_remote_command(const struct vmig_ssh_options *opts, char *buf, size_t len);
 
 #endif /* VMIG_TRANSPORT_H */

@@ -36,6 +36,13 @@ struct vmig_vm_config {
 	int console_fd;          /* serial output; -1 discards it */
 	uint32_t dirty_ring_entries; /* per-vCPU KVM dirty ring, power of 2; 0 = none */
 	bool incoming;           /* empty machine awaiting migrated state: no guest loaded */
+	/*
+	 * Boot a Linux kernel (bzImage or ELF vmlinux) instead of the built-in
+	 * guest; @workload must then be NULL.  Read during vmig_vm_create().
+	 */
+	const char *kernel;      /* path, or NULL */
+	const char *initrd;      /* path, or NULL */
+	const char *cmdline;     /* kernel command line, or NULL */
 };
 
 enum vmig_vm_state {
@@ -94,6 +101,26 @@ const char *vmig_vm_state_name(enum vmig_vm_state state);
 int vmig_vm_event_fd(const struct vmig_vm *vm);
 const char *vmig_vm_stop_reason(const struct vmig_vm *vm);
 int vmig_vm_exit_code(const struct vmig_vm *vm);
+
+/*
+ * True once the VM stopped because the guest asked for a reset (i8042
+ * 0xfe, port 0xcf9): the caller may build the VM afresh to reboot it.
+ */
+bool vmig_vm_reboot_requested(const struct vmig_vm *vm);
+
+/*
+ * The serial console's input side: bytes typed at the console go to the
+ * guest's UART.  Returns how many bytes were taken (the UART's buffer may
+ * be full: retry the rest later).  Any thread.
+ */
+size_t vmig_vm_console_input(struct vmig_vm *vm, const void *buf, size_t len);
+
+/*
+ * Copy the console's output to @fd as well (an attached `vmig console`),
+ * or stop with -1.  Writes to it must not block the guest: pass a
+ * non-blocking fd.  Returns the fd attached before, or -1.  Any thread.
+ */
+int vmig_vm_console_tap(struct vmig_vm *vm, int fd);
 
 const struct vmig_vm_config *vmig_vm_config(const struct vmig_vm *vm);
 uint64_t vmig_vm_uptime_ms(const struct vmig_vm *vm);

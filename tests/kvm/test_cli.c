@@ -609,6 +609,42 @@ START_TEST(save_to_full_disk)
 }
 END_TEST
 
+START_TEST(incoming_ends_on_sigterm_while_waiting)
+{
+	char uri[512], out[4096];
+	struct stat sb;
+	pid_t pid;
+	int i;
+
+	/* Foreground incoming, signalled while it waits: it must end, now. */
+	snprintf(uri, sizeof(uri), "unix:%s/wait.sock", run_dir);
+	pid = spawn_vmig("inc", (const char *const[]){ "incoming", "--listen", uri, NULL });
+	for (i = 0; i < 250 && stat(uri + 5, &sb) < 0; i++)
+		kvm_test_sleep_ms(20);
+	ck_assert_msg(i < 250, "incoming never listened");
+	ck_assert_int_eq(kill(pid, SIGTERM), 0);
+	ck_assert_int_eq(wait_status(pid, "inc", out, sizeof(out)), 1);
+	ck_assert_msg(strstr(out, "before the handoff"), "incoming said: %s", out);
+}
+END_TEST
+
+START_TEST(save_to_a_device_keeps_it)
+{
+	struct result r;
+	struct stat sb;
+
+	RUN(&r, "run", "dv", "--memory", "32M", "--workload", "rate=100,wss=256K", "--detach");
+	ck_assert_int_eq(r.status, 0);
+	pages_written_after_boot("dv");
+	RUN(&r, "save", "dv", "/dev/null", "--keep-running");
+	ck_assert_msg(r.status == 0, "save to /dev/null: %s", r.err);
+	ck_assert_int_eq(stat("/dev/null", &sb), 0);
+	ck_assert_msg(S_ISCHR(sb.st_mode), "/dev/null is no longer a device");
+	RUN(&r, "stop", "dv");
+	ck_assert_int_eq(r.status, 0);
+}
+END_TEST
+
 START_TEST(save_and_restore)
 {
 	char file[512], bad[600], cmd[2000];
@@ -925,6 +961,8 @@ int main(void)
 		tcase_add_test(mig, source_killed_destination_discards);
 		tcase_add_test(mig, save_and_restore);
 		tcase_add_test(mig, save_to_full_disk);
+		tcase_add_test(mig, save_to_a_device_keeps_it);
+		tcase_add_test(mig, incoming_ends_on_sigterm_while_waiting);
 		tcase_add_test(mig, handoff_uncertain_needs_the_admin);
 		suite_add_tcase(s, mig);
 	}

@@ -29,6 +29,9 @@
 #include "vmig/vm.h"
 #include "cli.h"
 
+/* Pipe size asked for stdin with --stdio (Linux caps it at pipe-max-size). */
+#define STDIO_PIPE_SIZE (1 << 20)
+
 struct in_opts {
 	const char *cmd;           /* "incoming" or "restore" */
 	const char *listen;        /* incoming: URI */
@@ -163,6 +166,14 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 		 * hung up, a console write to stderr must cost EPIPE, not the VM.
 		 */
 		signal(SIGPIPE, SIG_IGN);
+		/*
+		 * sshd feeds stdin through a pipe, 64 KiB by default: each
+		 * time it fills, sshd waits for us to read, and the SSH
+		 * window behind it stalls.  A bigger pipe lets it run ahead.
+		 */
+		if (fcntl(STDIN_FILENO, F_SETPIPE_SZ, STDIO_PIPE_SIZE) < 0 && errno != EBADF &&
+		    errno != EINVAL)
+			vmig_log(VMIG_LOG_DEBUG, "stdin: F_SETPIPE_SZ: %s", strerror(errno));
 		ret = vmig_transport_from_fds(fcntl(STDIN_FILENO, F_DUPFD_CLOEXEC, 3),
 					      fcntl(STDOUT_FILENO, F_DUPFD_CLOEXEC, 3), &t);
 		if (ret)

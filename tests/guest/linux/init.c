@@ -95,56 +95,68 @@ static pid_t start_shell(void)
 }
 
 /*
- * Clock setting from the console, to the nanosecond (busybox date takes
- * whole seconds, and starting a program takes long enough here to spoil
- * even that): the tests type "echo SECONDS.NANOS > /tmp/vmig-settime"
- * with the host's time.  The shell's echo is quick; the file's mtime says
- * when the guest's clock read it was written, so the difference is the
- * correction, whenever this loop gets to it.  Why at all: a kernel
- * booting on an emulating KVM loses timer ticks before it switches to
- * kvmclock, and its wall clock starts behind by as much.
+ * Clock setting from the console, finer than busybox date's seconds: the
+ * tests type "echo SECONDS.NANOS >/tmp/vmig-settime" (set the clock) or
+ * "echo +SECONDS >/tmp/vmig-settime" (move it by that much: typing a line
+ * takes a good part of a second where guest ring 0 is emulated, so the
+ * tests measure the offset on heartbeat lines, whose way out is quick, and
+ * type the correction).  The file is a FIFO a child of init waits on.
+ * Why at all: a kernel booting on an emulating KVM loses timer ticks
+ * before it switches to kvmclock, and its wall clock starts behind.
  */
-static void settime_from_file(void)
+static void settime_server(void)
 {
 	static const char path[] = "/tmp/vmig-settime";
-	struct timespec host = { 0, 0 }, now;
-	struct stat st;
+	struct timespec host, now;
 	char buf[64], *p;
-	int fd, digits = 0;
+	int fd, digits;
 	ssize_t n;
 	double delta;
 
-	if (stat(path, &st) < 0 || (fd = open(path, O_RDONLY)) < 0)
+	if (mkfifo(path, 0600) < 0 && errno != EEXIST)
 		return;
-	n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	unlink(path);
-	if (n <= 0)
+	if (fork() != 0)
 		return;
-	buf[n] = 0;
-	host.tv_sec = strtoll(buf, &p, 10);
-	if (*p == '.')
-		for (p++; *p >= '0' && *p <= '9' && digits < 9; p++, digits++)
-			host.tv_nsec = host.tv_nsec * 10 + (*p - '0');
-	for (; digits < 9; digits++)
-		host.tv_nsec *= 10;
-	delta = (double)(host.tv_sec - st.st_mtim.tv_sec) +
-		(host.tv_nsec - st.st_mtim.tv_nsec) / 1e9;
-	clock_gettime(CLOCK_REALTIME, &now);
-	now.tv_sec += (time_t)delta;
-	now.tv_nsec += (long)((delta - (double)(time_t)delta) * 1e9);
-	while (now.tv_nsec >= 1000000000) {
-		now.tv_nsec -= 1000000000;
-		now.tv_sec++;
+	for (;;) {
+		fd = open(path, O_RDONLY);
+		if (fd < 0)
+			_exit(1);
+		n = read(fd, buf, sizeof(buf) - 1);
+		clock_gettime(CLOCK_REALTIME, &now);
+		close(fd);
+		if (n <= 0)
+			continue;
+		buf[n] = 0;
+		if (buf[0] == '+' || buf[0] == '-') {
+			/* A correction: the typing's delay does not matter. */
+			delta = strtod(buf, NULL);
+			host.tv_sec = now.tv_sec + (time_t)delta;
+			host.tv_nsec = now.tv_nsec + (long)((delta - (double)(time_t)delta) * 1e9);
+			while (host.tv_nsec >= 1000000000) {
+				host.tv_nsec -= 1000000000;
+				host.tv_sec++;
+			}
+			while (host.tv_nsec < 0) {
+				host.tv_nsec += 1000000000;
+				host.tv_sec--;
+			}
+			goto set;
+		}
+		host.tv_nsec = 0;
+		digits = 0;
+		host.tv_sec = strtoll(buf, &p, 10);
+		if (*p == '.')
+			for (p++; *p >= '0' && *p <= '9' && digits < 9; p++, digits++)
+				host.tv_nsec = host.tv_nsec * 10 + (*p - '0');
+		for (; digits < 9; digits++)
+			host.tv_nsec *= 10;
+		delta = (double)(host.tv_sec - now.tv_sec) + (host.tv_nsec - now.tv_nsec) / 1e9;
+set:
+		if (clock_settime(CLOCK_REALTIME, &host) < 0)
+			say("vmig-settime failed: %s\n", strerror(errno));
+		else
+			say("vmig-settime done: moved the clock by %+.3f s\n", delta);
 	}
-	while (now.tv_nsec < 0) {
-		now.tv_nsec += 1000000000;
-		now.tv_sec--;
-	}
-	if (clock_settime(CLOCK_REALTIME, &now) < 0)
-		say("vmig-settime failed: %s\n", strerror(errno));
-	else
-		say("vmig-settime done: moved the clock by %+.3f s\n", delta);
 }
 
 int main(void)
@@ -181,6 +193,7 @@ int main(void)
 		pages = 0;
 	}
 	signal(SIGCHLD, SIG_DFL);
+	settime_server();
 	shell = start_shell();
 
 	clock_gettime(CLOCK_MONOTONIC, &next);
@@ -205,7 +218,6 @@ int main(void)
 		clock_gettime(CLOCK_REALTIME, &now);
 		say("vmig-heartbeat %lu wall=%ld.%06ld dirty=%lu\n", ++beat, (long)now.tv_sec,
 		    now.tv_nsec / 1000, dirtied);
-		settime_from_file();
 		/* Reap the shell (and its orphans, which init inherits); restart it. */
 		for (;;) {
 			pid_t pid = waitpid(-1, NULL, WNOHANG);
@@ -213,7 +225,8 @@ int main(void)
 			if (pid <= 0)
 				break;
 			if (pid == shell)
-				shell = start_shell();
+				settime_server();
+	shell = start_shell();
 		}
 	}
 }

@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "transport-internal.h"
+#include "rdma-internal.h"
 
 struct fd_transport {
 	struct vmig_transport base;
@@ -44,6 +45,7 @@ struct fd_transport {
 struct vmig_listener {
 	int fd;
 	bool is_unix;
+	struct vmig__rdma_listener *rdma;   /* rdma://: all of it is there */
 	char uri[4200];
 	/* unix: the socket file we created, removed on close if still ours */
 	char path[VMIG_UNIX_PATH_MAX + 1];
@@ -761,6 +763,8 @@ int vmig__fd_listen(const struct vmig_uri *u, const char *desc,
 	l->fd = -1;
 	if (u->kind == VMIG_URI_TCP)
 		ret = tcp_listen(l, u, desc, err);
+	else if (u->kind == VMIG_URI_RDMA)
+		ret = vmig__rdma_listen(u, desc, &l->rdma, &l->fd, l->uri, sizeof(l->uri), err);
 	else
 		ret = unix_listen(l, u, desc, err);
 	if (ret < 0) {
@@ -781,6 +785,8 @@ int vmig_transport_accept(struct vmig_listener *l, int timeout_ms,
 	int fd, ret;
 
 	*out = NULL;
+	if (l->rdma)
+		return vmig__rdma_accept(l->rdma, timeout_ms, out, err);
 	for (;;) {
 		len = sizeof(ss);
 		ret = vmig__poll_one(l->fd, POLLIN, remaining_ms(deadline));
@@ -834,6 +840,11 @@ void vmig_listener_close(struct vmig_listener *l)
 
 	if (!l)
 		return;
+	if (l->rdma) {
+		vmig__rdma_listener_close(l->rdma);   /* closes l->fd too */
+		free(l);
+		return;
+	}
 	/* Remove the socket file only if nobody replaced it meanwhile. */
 	if (l->is_unix && stat(l->path, &st) == 0 && st.st_dev == l->dev &&
 	    st.st_ino == l->ino)

@@ -17,7 +17,9 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "config.h"
 #include "transport-internal.h"
+#include "rdma-internal.h"
 
 #define EXPECTED "expected tcp://HOST:PORT, unix:PATH or file:PATH"
 
@@ -33,15 +35,15 @@ static bool scheme_char(char c, bool first)
 			  c == '.');
 }
 
-static int parse_port(const char *s, const char *uri, uint16_t *out,
-		      struct vmig_err *err)
+static int parse_port(const char *s, const char *uri, const char *scheme,
+		      uint16_t *out, struct vmig_err *err)
 {
 	unsigned long v = 0;
 	const char *p = s;
 
 	if (!*p) {
-		vmig_err_set(err, -EINVAL, "missing port in '%s' (expected tcp://HOST:PORT)",
-			     uri);
+		vmig_err_set(err, -EINVAL, "missing port in '%s' (expected %s://HOST:PORT)",
+			     uri, scheme);
 		return -EINVAL;
 	}
 	for (; *p; p++) {
@@ -62,14 +64,16 @@ static int parse_port(const char *s, const char *uri, uint16_t *out,
 	return 0;
 }
 
-static int parse_tcp(const char *rest, const char *uri, struct vmig_uri *out,
-		     struct vmig_err *err)
+/* tcp://HOST:PORT and rdma://HOST:PORT (@scheme, in lower case). */
+static int parse_tcp(const char *rest, const char *uri, const char *scheme,
+		     struct vmig_uri *out, struct vmig_err *err)
 {
 	const char *host, *host_end, *port;
 	size_t hlen;
 
 	if (strncmp(rest, "//", 2) != 0) {
-		vmig_err_set(err, -EINVAL, "bad address '%s' (expected tcp://HOST:PORT)", uri);
+		vmig_err_set(err, -EINVAL, "bad address '%s' (expected %s://HOST:PORT)", uri,
+			     scheme);
 		return -EINVAL;
 	}
 	host = rest + 2;
@@ -82,8 +86,8 @@ static int parse_tcp(const char *rest, const char *uri, struct vmig_uri *out,
 			return -EINVAL;
 		}
 		if (host_end[1] != ':') {
-			vmig_err_set(err, -EINVAL, "missing port in '%s' (expected tcp://[ADDRESS]:PORT)",
-				     uri);
+			vmig_err_set(err, -EINVAL, "missing port in '%s' (expected %s://[ADDRESS]:PORT)",
+				     uri, scheme);
 			return -EINVAL;
 		}
 		port = host_end + 2;
@@ -91,24 +95,24 @@ static int parse_tcp(const char *rest, const char *uri, struct vmig_uri *out,
 		const char *c = strrchr(host, ':');
 
 		if (!c) {
-			vmig_err_set(err, -EINVAL, "missing port in '%s' (expected tcp://HOST:PORT)",
-				     uri);
+			vmig_err_set(err, -EINVAL, "missing port in '%s' (expected %s://HOST:PORT)",
+				     uri, scheme);
 			return -EINVAL;
 		}
 		host_end = c;
 		port = c + 1;
 		if (memchr(host, ':', (size_t)(host_end - host))) {
 			vmig_err_set(err, -EINVAL,
-				     "an IPv6 address must be written in brackets, as in tcp://[::1]:4444 (got '%s')",
-				     uri);
+				     "an IPv6 address must be written in brackets, as in %s://[::1]:4444 (got '%s')",
+				     scheme, uri);
 			return -EINVAL;
 		}
 	}
 	hlen = (size_t)(host_end - host);
 	if (hlen == 0) {
 		vmig_err_set(err, -EINVAL,
-			     "missing host in '%s' (expected tcp://HOST:PORT; 0.0.0.0 or [::] listens on all addresses)",
-			     uri);
+			     "missing host in '%s' (expected %s://HOST:PORT; 0.0.0.0 or [::] listens on all addresses)",
+			     uri, scheme);
 		return -EINVAL;
 	}
 	if (hlen >= sizeof(out->host)) {
@@ -124,10 +128,10 @@ static int parse_tcp(const char *rest, const char *uri, struct vmig_uri *out,
 			return -EINVAL;
 		}
 	}
-	out->kind = VMIG_URI_TCP;
+	out->kind = strcmp(scheme, "rdma") ? VMIG_URI_TCP : VMIG_URI_RDMA;
 	memcpy(out->host, host, hlen);
 	out->host[hlen] = '\0';
-	return parse_port(port, uri, &out->port, err);
+	return parse_port(port, uri, scheme, &out->port, err);
 }
 
 static int parse_path(const char *rest, const char *uri, const char *scheme,
@@ -200,7 +204,9 @@ int vmig_transport_parse_uri(const char *uri, struct vmig_uri *out,
 	scheme[slen] = '\0';
 
 	if (!strcasecmp(scheme, "tcp"))
-		return parse_tcp(uri + slen + 1, uri, out, err);
+		return parse_tcp(uri + slen + 1, uri, "tcp", out, err);
+	if (!strcasecmp(scheme, "rdma"))
+		return parse_tcp(uri + slen + 1, uri, "rdma", out, err);
 	if (!strcasecmp(scheme, "unix")) {
 		out->kind = VMIG_URI_UNIX;
 		return parse_path(uri + slen + 1, uri, "unix", VMIG_UNIX_PATH_MAX,
@@ -240,6 +246,10 @@ int vmig_uri_format(const struct vmig_uri *u, char *buf, size_t len)
 	case VMIG_URI_SSH:
 		n = snprintf(buf, len, strchr(u->host, ':') ? "ssh://%s%s[%s]:%u" : "ssh://%s%s%s:%u",
 			     u->user, u->user[0] ? "@" : "", u->host, u->port);
+		break;
+	case VMIG_URI_RDMA:
+		n = snprintf(buf, len, strchr(u->host, ':') ? "rdma://[%s]:%u" : "rdma://%s:%u",
+			     u->host, u->port);
 		break;
 	default:
 		n = snprintf(buf, len, "(bad URI)");
@@ -455,6 +465,47 @@ int vmig_transport_fd(struct vmig_transport *t)
 	return t->ops->fd ? t->ops->fd(t) : -1;
 }
 
+/* Direct placement: only backends with mem ops (rdma) have it. */
+#define MEM_OP(t, op, ...) \
+	((t)->ops->mem && (t)->ops->mem->op ? (t)->ops->mem->op((t), ##__VA_ARGS__) \
+					     : -EOPNOTSUPP)
+
+int vmig_transport_expose_memory(struct vmig_transport *t, void *hva, size_t len,
+				 uint64_t gpa)
+{
+	return MEM_OP(t, expose, hva, len, gpa);
+}
+
+int vmig_transport_expose_done(struct vmig_transport *t, int status)
+{
+	return MEM_OP(t, expose_done, status);
+}
+
+int vmig_transport_unexpose_memory(struct vmig_transport *t)
+{
+	return MEM_OP(t, unexpose);
+}
+
+int vmig_transport_peer_memory(struct vmig_transport *t, int timeout_ms)
+{
+	return MEM_OP(t, peer_memory, timeout_ms);
+}
+
+int vmig_transport_write_mem(struct vmig_transport *t, uint64_t gpa,
+			     const void *src, size_t len)
+{
+	int ret = MEM_OP(t, write_mem, gpa, src, len);
+
+	if (!ret)
+		t->bytes_written += len;
+	return ret;
+}
+
+int vmig_transport_mem_fence(struct vmig_transport *t)
+{
+	return MEM_OP(t, fence);
+}
+
 const char *vmig_transport_desc(const struct vmig_transport *t)
 {
 	return t->desc;
@@ -499,13 +550,16 @@ int vmig_transport_connect(const char *uri, int timeout_ms,
 		ret = vmig_transport_connect_ssh(uri, NULL, timeout_ms, out, err);
 		goto out;
 	}
-	if (u->kind == VMIG_URI_TCP && u->port == 0) {
+	if ((u->kind == VMIG_URI_TCP || u->kind == VMIG_URI_RDMA) && u->port == 0) {
 		vmig_err_set(err, -EINVAL, "cannot connect to port 0 in '%s'", uri);
 		ret = -EINVAL;
 		goto out;
 	}
 	vmig_uri_format(u, desc, sizeof(desc));
-	ret = vmig__fd_connect(u, desc, timeout_ms, out, err);
+	if (u->kind == VMIG_URI_RDMA)
+		ret = vmig__rdma_connect(u, desc, timeout_ms, out, err);
+	else
+		ret = vmig__fd_connect(u, desc, timeout_ms, out, err);
 out:
 	free(u);
 	return ret;
@@ -527,9 +581,9 @@ int vmig_transport_listen(const char *uri, struct vmig_listener **out,
 	ret = vmig_transport_parse_uri(uri, u, err);
 	if (ret < 0)
 		goto out;
-	if (u->kind != VMIG_URI_TCP && u->kind != VMIG_URI_UNIX) {
+	if (u->kind != VMIG_URI_TCP && u->kind != VMIG_URI_UNIX && u->kind != VMIG_URI_RDMA) {
 		vmig_err_set(err, -EINVAL,
-			     "cannot listen on '%s': only tcp://HOST:PORT and unix:PATH listen%s",
+			     "cannot listen on '%s': only tcp://HOST:PORT, rdma://HOST:PORT and unix:PATH listen%s",
 			     uri, u->kind == VMIG_URI_FILE ?
 			     " (to load a saved file, use vmig restore)" :
 			     u->kind == VMIG_URI_SSH ?
@@ -543,3 +597,40 @@ out:
 	free(u);
 	return ret;
 }
+
+#ifndef HAVE_RDMA
+/* ------------------------------------------------------------------------
+ * Built without --with-rdma: rdma:// parses, but cannot be used.
+ */
+
+int vmig__rdma_connect(const struct vmig_uri *u, const char *desc, int timeout_ms,
+		       struct vmig_transport **out, struct vmig_err *err)
+{
+	*out = NULL;
+	vmig_err_set(err, -EPROTONOSUPPORT, "cannot connect to %s: " VMIG_RDMA_UNBUILT_MSG,
+		     desc);
+	return -EPROTONOSUPPORT;
+}
+
+int vmig__rdma_listen(const struct vmig_uri *u, const char *desc,
+		      struct vmig__rdma_listener **out, int *fd, char *uri,
+		      size_t uri_len, struct vmig_err *err)
+{
+	*out = NULL;
+	vmig_err_set(err, -EPROTONOSUPPORT, "cannot listen on %s: " VMIG_RDMA_UNBUILT_MSG,
+		     desc);
+	return -EPROTONOSUPPORT;
+}
+
+int vmig__rdma_accept(struct vmig__rdma_listener *l, int timeout_ms,
+		      struct vmig_transport **out, struct vmig_err *err)
+{
+	*out = NULL;
+	vmig_err_set(err, -EPROTONOSUPPORT, VMIG_RDMA_UNBUILT_MSG);
+	return -EPROTONOSUPPORT;
+}
+
+void vmig__rdma_listener_close(struct vmig__rdma_listener *l)
+{
+}
+#endif

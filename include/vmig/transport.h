@@ -14,6 +14,8 @@
  *   fd:N              an inherited, already connected file descriptor
  *   ssh://[USER@]HOST[:PORT]  `vmig incoming --stdio` run on HOST through
  *                     SSH (transport/ssh.c; connect only)
+ *   rdma://HOST:PORT  an RDMA reliable connection (transport/rdma.c, built
+ *                     with --with-rdma), HOST as for tcp://
  *
  * Threads: a transport belongs to one reading thread and one writing
  * thread at a time (a socket may be read by one thread while another
@@ -47,6 +49,7 @@ enum vmig_uri_kind {
 	VMIG_URI_FILE,
 	VMIG_URI_FD,
 	VMIG_URI_SSH,
+	VMIG_URI_RDMA,
 };
 
 /* Longest unix socket path (sizeof(sun_path) - 1). */
@@ -54,8 +57,8 @@ enum vmig_uri_kind {
 
 struct vmig_uri {
 	enum vmig_uri_kind kind;
-	char host[256];          /* tcp: name or address, without [] */
-	uint16_t port;           /* tcp: 0 asks listen for an ephemeral port */
+	char host[256];          /* tcp, rdma: name or address, without [] */
+	uint16_t port;           /* tcp, rdma: 0 asks listen for an ephemeral port */
 	char path[4096];         /* unix, file */
 	int fd;                  /* fd */
 	char user[256];          /* ssh: login name, "" = the local user */
@@ -80,6 +83,7 @@ int vmig_uri_format(const struct vmig_uri *uri, char *buf, size_t len);
  */
 
 struct vmig_transport;
+struct vmig_transport_mem_ops;
 
 /*
  * A backend.  Every callback runs in the caller's thread and returns
@@ -108,6 +112,8 @@ struct vmig_transport_ops {
 	void (*close)(struct vmig_transport *t);
 	/* An fd to poll for readability, or -1.  Optional. */
 	int (*fd)(struct vmig_transport *t);
+	/* Direct placement of guest memory (RDMA), or NULL.  See below. */
+	const struct vmig_transport_mem_ops *mem;
 };
 
 /* Common state; backends embed it as their first member. */
@@ -231,16 +237,18 @@ const char *vmig_transport_desc(const struct vmig_transport *t);
 const struct vmig_err *vmig_transport_err(const struct vmig_transport *t);
 
 /* ------------------------------------------------------------------------
- * Listeners (tcp and unix)
+ * Listeners (tcp, rdma and unix)
  */
 
 struct vmig_listener;
 
 /*
  * Listen on @uri: tcp://HOST:PORT (PORT 0: the kernel picks one, see
- * vmig_listener_uri()), or unix:PATH (mode 0600; a stale socket file is
- * replaced, a live one is -EADDRINUSE, a non-socket -EEXIST; the file is
- * removed again by vmig_listener_close()).  file: and fd: cannot listen.
+ * vmig_listener_uri()), rdma://HOST:PORT (the same, in the RDMA
+ * connection manager's port space; -ENODEV without an RDMA device,
+ * -EPROTONOSUPPORT in a build without RDMA), or unix:PATH (mode 0600; a
+ * stale socket file is replaced, a live one is -EADDRINUSE, a non-socket
+ * -EEXIST; the file is removed again by vmig_listener_close()).  file: and fd: cannot listen.
  * Returns 0 or -errno with a message naming the address in @err.
  */
 int vmig_transport_listen(const char *uri, struct vmig_listener **out,
@@ -263,6 +271,87 @@ int vmig_listener_fd(const struct vmig_listener *l);
 
 /* Close; removes a unix socket file it created.  NULL-safe. */
 void vmig_listener_close(struct vmig_listener *l);
+
+/* ------------------------------------------------------------------------
+ * Direct placement of guest memory (rdma:// only; docs/rdma.md)
+ *
+ * On an RDMA transport the destination can register guest RAM with the
+ * NIC and let the source write pages straight into it (RDMA WRITE), so
+ * page data bypasses the byte stream, the stream reader and the
+ * destination's CPU.  The byte stream still carries every control record.
+ *
+ * Destination (the thread that reads the stream), after CONFIG, once
+ * guest RAM exists and before reading on: expose_memory() for each RAM
+ * region, then expose_done(0) -- or expose_done(-errno) after a failure,
+ * which tells the source to send pages in PAGES records instead.  After
+ * reading SWITCHOVER (the source fenced before writing it, so every page
+ * has landed), and before starting vCPUs: unexpose_memory(), so nothing
+ * can write into the running guest any more.
+ *
+ * Source (the migration thread, the stream's writer): after writing and
+ * flushing CONFIG, peer_memory() waits for the destination's answer.  If it
+ * returns 0, every page copy from then on goes through write_mem() (zero
+ * pages too: the source writes zeros) and no PAGES record is sent; a page
+ * copy in a PAGES record that the destination applies late could
+ * otherwise overwrite a newer copy written directly.  Writes execute in
+ * order on the connection, so a later copy of a page never lands before
+ * an earlier one.  Before each ITER_END and before SWITCHOVER, mem_fence()
+ * waits until every write is acknowledged, so failures surface before
+ * the source commits.
+ *
+ * All return 0 or -errno, and -EOPNOTSUPP on transports without direct
+ * placement.  A failure of the connection is recorded in
+ * vmig_transport_err() as for reads and writes; the caller's own mistakes
+ * (-EINVAL, -ERANGE, -E2BIG, -EOPNOTSUPP) are not: they leave the
+ * connection usable.
+ */
+struct vmig_transport_mem_ops {
+	int (*expose)(struct vmig_transport *t, void *hva, size_t len, uint64_t gpa);
+	int (*expose_done)(struct vmig_transport *t, int status);
+	int (*unexpose)(struct vmig_transport *t);
+	int (*peer_memory)(struct vmig_transport *t, int timeout_ms);
+	int (*write_mem)(struct vmig_transport *t, uint64_t gpa, const void *src,
+			 size_t len);
+	int (*fence)(struct vmig_transport *t);
+};
+
+/* The largest number of regions a destination may expose. */
+#define VMIG_TRANSPORT_MAX_MEM_REGIONS 64
+
+/*
+ * Destination: register [@hva, @hva + @len), guest-physical @gpa onwards,
+ * for remote writes and announce it to the peer.  @hva and @len page
+ * aligned.  -EOPNOTSUPP, -ENOMEM (pinning failed: RLIMIT_MEMLOCK?), -E2BIG
+ * (too many regions), -EINVAL, -ECONNRESET.
+ */
+int vmig_transport_expose_memory(struct vmig_transport *t, void *hva, size_t len,
+				 uint64_t gpa);
+
+/* Destination: the list is complete (@status 0), or declined (-errno). */
+int vmig_transport_expose_done(struct vmig_transport *t, int status);
+
+/* Destination: deregister every exposed region.  Idempotent. */
+int vmig_transport_unexpose_memory(struct vmig_transport *t);
+
+/*
+ * Source: wait up to @timeout_ms (-1: the transport's timeout) for the
+ * destination's expose_done().  0: write_mem() may be used for every
+ * announced region; -EOPNOTSUPP: not RDMA, or the destination declined
+ * (send PAGES records); -ETIMEDOUT; -ECONNRESET.
+ */
+int vmig_transport_peer_memory(struct vmig_transport *t, int timeout_ms);
+
+/*
+ * Source: write @len bytes from @src to guest-physical @gpa on the peer.
+ * [@gpa, @gpa + @len) must lie in one announced region (-ERANGE).  @src is
+ * copied before the call returns (it may change afterwards); the write
+ * itself completes later.  Counts in t->bytes_written.
+ */
+int vmig_transport_write_mem(struct vmig_transport *t, uint64_t gpa,
+			     const void *src, size_t len);
+
+/* Source: wait until every write_mem() so far is acknowledged by the peer. */
+int vmig_transport_mem_fence(struct vmig_transport *t);
 
 /* ------------------------------------------------------------------------
  * SSH (transport/ssh.c)

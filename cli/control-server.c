@@ -88,6 +88,7 @@ struct json_object *cli_vm_status_json(struct vmig_vm *vm)
 		json_object_object_add(g, "generation", json_object_new_uint64(gp.generation));
 		json_object_object_add(g, "pages_written",
 				       json_object_new_uint64(gp.pages_written));
+		json_object_object_add(g, "heartbeat", json_object_new_uint64(gp.heartbeat));
 		json_object_object_add(o, "guest", g);
 		/* Flat copies for scripts that want the counters directly. */
 		json_object_object_add(o, "generation", json_object_new_uint64(gp.generation));

@@ -45,7 +45,8 @@ int vmig_guest_workload_check(const char *spec, uint64_t mem_size,
 			continue;
 		if (!val || !*val) {
 			vmig_err_set(err, -EINVAL, "bad --workload '%s': '%s' needs a value "
-				     "(expected rate=PAGES_PER_S|max, wss=SIZE, gens=N, quiet)",
+				     "(expected rate=PAGES_PER_S|max, wss=SIZE, gens=N, "
+				     "fill=stamp|random|text, idle_after=N, quiet)",
 				     spec, tok);
 			ret = -EINVAL;
 			break;
@@ -68,19 +69,27 @@ int vmig_guest_workload_check(const char *spec, uint64_t mem_size,
 				ret = -EINVAL;
 				break;
 			}
-		} else if (!strcmp(tok, "gens")) {
+		} else if (!strcmp(tok, "gens") || !strcmp(tok, "idle_after")) {
 			errno = 0;
 			v = strtoull(val, &end, 10);
 			(void)v;
 			if (errno || *end || *val == '-') {
-				vmig_err_set(err, -EINVAL, "bad --workload gens '%s': give a "
-					     "number of passes (0 = forever)", val);
+				vmig_err_set(err, -EINVAL, "bad --workload %s '%s': give a "
+					     "number of passes (0 = %s)", tok, val,
+					     tok[0] == 'g' ? "forever" : "never idle");
+				ret = -EINVAL;
+				break;
+			}
+		} else if (!strcmp(tok, "fill")) {
+			if (strcmp(val, "stamp") && strcmp(val, "random") && strcmp(val, "text")) {
+				vmig_err_set(err, -EINVAL, "bad --workload fill '%s': give "
+					     "stamp, random or text", val);
 				ret = -EINVAL;
 				break;
 			}
 		} else {
 			vmig_err_set(err, -EINVAL, "bad --workload: unknown key '%s' "
-				     "(expected rate, wss, gens, quiet)", tok);
+				     "(expected rate, wss, gens, fill, idle_after, quiet)", tok);
 			ret = -EINVAL;
 			break;
 		}

@@ -70,6 +70,17 @@
 #define VMIG_GUEST_EXIT_BAD_DATA 0xfeu
 #define VMIG_GUEST_EXIT_FATAL    0xffu
 
+/*
+ * Page body (bytes 32 to 4087, between the stamp and the tail word) on
+ * every page write: STAMP leaves it alone (zero unless the firmware wrote
+ * it), RANDOM fills it with pseudo-random bytes that no compressor
+ * shrinks, TEXT with data lz4 shrinks about 3x (2 random words in every
+ * 8, the rest a fixed text).  Both depend on the page's gpa and generation.
+ */
+#define VMIG_GUEST_FILL_STAMP    0u
+#define VMIG_GUEST_FILL_RANDOM   1u
+#define VMIG_GUEST_FILL_TEXT     2u
+
 /* vcpu state values */
 #define VMIG_GUEST_VCPU_OFF      0u   /* not started */
 #define VMIG_GUEST_VCPU_BOOTING  1u   /* in ring 0 set-up */
@@ -109,7 +120,9 @@ struct vmig_guest_status {
 	uint64_t boot_tsc;       /* TSC at start of ring-3 work */
 	/* Written by the host, read by the guest before each page write. */
 	uint64_t host_iteration;
-	uint64_t reserved[7];
+	uint64_t fill;           /* VMIG_GUEST_FILL_*: what a page write puts in the body */
+	uint64_t idle_after;     /* passes before the vCPUs stop writing, 0 = never */
+	uint64_t reserved[5];
 	struct vmig_guest_vcpu vcpu[VMIG_GUEST_MAX_VCPUS];
 };
 

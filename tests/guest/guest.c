@@ -77,6 +77,8 @@ struct guest_config {
 	uint64_t rate;          /* pages/s per vCPU, 0 = max */
 	uint64_t wss;           /* bytes per vCPU */
 	uint64_t gens;          /* 0 = forever */
+	uint64_t fill;          /* VMIG_GUEST_FILL_* */
+	uint64_t idle_after;    /* passes, then stop writing; 0 = never */
 	uint64_t tsc_khz;       /* 0 = calibrate */
 	uint64_t low_end, high_end;
 	uint32_t tsc_source;    /* 0 given, 1 PIT, 2 fallback */
@@ -523,6 +525,15 @@ static void parse_cmdline(void)
 			cfg.rate = 0;
 			continue;
 		}
+		if (key_is(tok, klen, "fill")) {
+			if (key_is(val, vlen, "random"))
+				cfg.fill = VMIG_GUEST_FILL_RANDOM;
+			else if (key_is(val, vlen, "text"))
+				cfg.fill = VMIG_GUEST_FILL_TEXT;
+			else if (key_is(val, vlen, "stamp"))
+				cfg.fill = VMIG_GUEST_FILL_STAMP;
+			continue;
+		}
 		v = parse_num(val, vlen, &ok);
 		if (!ok)
 			continue;
@@ -534,6 +545,8 @@ static void parse_cmdline(void)
 			cfg.wss = v < VMIG_GUEST_PAGE_SIZE ? VMIG_GUEST_PAGE_SIZE : v;
 		else if (key_is(tok, klen, "gens"))
 			cfg.gens = v;
+		else if (key_is(tok, klen, "idle_after"))
+			cfg.idle_after = v;
 		else if (key_is(tok, klen, "tsc_khz"))
 			cfg.tsc_khz = v;
 	}
@@ -701,6 +714,8 @@ static void set_up_status(void)
 	st->rate = cfg.rate;
 	st->tsc_khz = cfg.tsc_khz;
 	st->gens = cfg.gens;
+	st->fill = cfg.fill;
+	st->idle_after = cfg.idle_after;
 	for (i = 0; i < cfg.vcpus; i++) {
 		first = i * wss_pages < total ? i * wss_pages : total;
 		nr = total - first < wss_pages ? total - first : wss_pages;
@@ -771,6 +786,14 @@ static void banner(void)
 		l_str(&l, "max");
 	l_str(&l, ", gens=");
 	l_u64(&l, cfg.gens);
+	if (cfg.fill) {
+		l_str(&l, ", fill=");
+		l_str(&l, cfg.fill == VMIG_GUEST_FILL_RANDOM ? "random" : "text");
+	}
+	if (cfg.idle_after) {
+		l_str(&l, ", idle_after=");
+		l_u64(&l, cfg.idle_after);
+	}
 	l_str(&l, ", tsc_khz=");
 	l_u64(&l, cfg.tsc_khz);
 	l_str(&l, cfg.tsc_source == 0 ? " (given)" :
@@ -1027,10 +1050,43 @@ static void u_maybe_power_off(volatile struct vmig_guest_status *st)
 		st->vcpu[0].heartbeat++;
 }
 
+/* splitmix64: a fast generator whose every output word is well mixed. */
+static inline uint64_t mix64(uint64_t z)
+{
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+/*
+ * The page body for fill=random|text (guest-abi.h): words 4 to 510, that
+ * is, everything but the stamp and the tail word, which the caller writes
+ * afterwards.  TEXT keeps two random words in each 64-byte line and a
+ * fixed text in the other six, which lz4 finds as matches.
+ */
+static void fill_body(volatile uint64_t *page, uint64_t gpa, uint64_t gen, uint64_t fill)
+{
+	static const union {
+		char c[48];
+		uint64_t q[6];
+	} text = { .c = "vmig test guest: compressible page, line after " };
+	const uint64_t *t = text.q;
+	uint64_t seed = gpa * 0x9e3779b97f4a7c15ull + gen, i;
+
+	if (fill == VMIG_GUEST_FILL_RANDOM) {
+		for (i = 4; i < VMIG_GUEST_TAIL_OFFSET / 8; i++)
+			page[i] = mix64(seed + i);
+		return;
+	}
+	for (i = 4; i < VMIG_GUEST_TAIL_OFFSET / 8; i++)
+		page[i] = (i & 7) < 2 ? mix64(seed + i) : t[(i & 7) - 2];
+}
+
 /*
  * The workload of one vCPU.  Per page: pace, read the old stamp (checksum
- * and self-check), read host_iteration, write the stamp and its tail copy,
- * then publish cursor, pages_written and checksum, in that order.  Plain
+ * and self-check), read host_iteration, write the body (fill=), the stamp
+ * and its tail copy, then publish cursor, pages_written and checksum, in
+ * that order.  After idle_after= passes the loop only beats its heartbeat.  Plain
  * stores under x86 TSO; barrier() only keeps the compiler from reordering.
  */
 static void __attribute__((noreturn, used)) user_main(uint64_t cpu)
@@ -1040,6 +1096,7 @@ static void __attribute__((noreturn, used)) user_main(uint64_t cpu)
 	volatile uint64_t *page;
 	const uint64_t first = v->first_page, n = v->nr_pages;
 	const uint64_t low_end = st->low_end, rate = st->rate, gens = st->gens;
+	const uint64_t fill = st->fill, idle_after = st->idle_after;
 	const uint64_t hz = st->tsc_khz * 1000;
 	const uint64_t step = rate ? hz / rate : 0, frac = rate ? hz % rate : 0;
 	const uint64_t max_lag = hz / 10;
@@ -1047,7 +1104,7 @@ static void __attribute__((noreturn, used)) user_main(uint64_t cpu)
 	struct vmig_guest_stamp old, new;
 	uint64_t gen = 1, cursor = 0, written = 0, csum = 0, hb = 0;
 	uint64_t now, next, acc = 0, next_print, gpa, tail, k;
-	int done = 0;
+	int done = 0, idle = 0;
 
 	if (cpu == 0) {
 		struct line l = { 0 };
@@ -1107,7 +1164,7 @@ static void __attribute__((noreturn, used)) user_main(uint64_t cpu)
 				u_maybe_power_off(st);
 			continue;
 		}
-		if (!n)
+		if (!n || idle)
 			continue;
 		if (rate) {
 			if ((int64_t)(now - next) < 0)
@@ -1136,6 +1193,8 @@ static void __attribute__((noreturn, used)) user_main(uint64_t cpu)
 		new.generation = gen;
 		new.iteration = st->host_iteration;
 		new.vcpu = cpu;
+		if (fill)
+			fill_body(page, gpa, gen, fill);
 		page[0] = new.magic;
 		page[1] = new.generation;
 		page[2] = new.iteration;
@@ -1154,6 +1213,8 @@ static void __attribute__((noreturn, used)) user_main(uint64_t cpu)
 			barrier();
 			v->state = VMIG_GUEST_VCPU_DONE;
 			done = 1;
+		} else if (cursor == n && idle_after && gen >= idle_after) {
+			idle = 1;   /* stays RUNNING, heartbeat only */
 		}
 	}
 }

@@ -1,7 +1,8 @@
 /*
  * vmm/ against real KVM: the built-in guest boots and makes progress on
- * one and two vCPUs, pause freezes it and resume restarts it, a paused
- * guest's memory verifies page by page and a corrupted page is caught,
+ * one and two vCPUs, fills pages and then idles when asked, pause
+ * freezes it and resume restarts it, a paused guest's memory verifies page
+ * by page and a corrupted page is caught,
  * a guest with RAM above 4 GiB runs, power-off and destroy leave nothing
  * behind, and bad configurations fail with clear errors.
  */
@@ -99,6 +100,63 @@ END_TEST
 START_TEST(runs_two_vcpus)
 {
 	check_progress(2);
+}
+END_TEST
+
+/*
+ * fill= writes the page body and idle_after=1 stops the writing after one
+ * pass: the page count stops at the working set, the heartbeat goes on,
+ * the bodies hold what the ABI says, and the stamps still verify.
+ */
+static void check_fill_then_idle(const char *workload, bool text)
+{
+	struct vmig_vm *vm = make_vm(64 << 20, 1, workload);
+	const volatile struct vmig_guest_status *st = status(vm);
+	const uint64_t n = (2 << 20) / VMIG_GUEST_PAGE_SIZE;
+	uint64_t end = kvm_test_now_ms() + 20000, k, i, same = 0;
+	struct vmig_guest_progress a, b;
+	struct vmig_err err = { 0 };
+	const uint64_t *p, *q;
+
+	wait_running(vm, 1, 20000);
+	while (st->vcpu[0].pages_written < n) {
+		ck_assert_msg(kvm_test_now_ms() < end, "only %" PRIu64 " of %" PRIu64
+			      " pages written after 20 s", (uint64_t)st->vcpu[0].pages_written, n);
+		kvm_test_sleep_ms(10);
+	}
+	vmig_guest_progress(vm, &a);
+	kvm_test_sleep_ms(200);
+	vmig_guest_progress(vm, &b);
+	ck_assert_msg(b.pages_written == n && b.heartbeat > a.heartbeat,
+		      "%s: pages %" PRIu64 " -> %" PRIu64 " (want %" PRIu64 " both), heartbeat %"
+		      PRIu64 " -> %" PRIu64, workload, a.pages_written, b.pages_written, n,
+		      a.heartbeat, b.heartbeat);
+	ck_assert_uint_eq(st->fill, text ? VMIG_GUEST_FILL_TEXT : VMIG_GUEST_FILL_RANDOM);
+	for (k = 0; k + 1 < n; k++) {
+		p = vmig_vm_gpa_to_hva(vm, vmig_guest_page_gpa(st->low_end, k), 4096);
+		q = vmig_vm_gpa_to_hva(vm, vmig_guest_page_gpa(st->low_end, k + 1), 4096);
+		/* words 8 and 505 are random in both modes (i % 8 < 2) */
+		ck_assert_msg(p[8] && p[8] != q[8] && p[505] != q[505],
+			      "work page %" PRIu64 ": body word 8 is %#" PRIx64 " (next page %#"
+			      PRIx64 "): not filled", k, p[8], q[8]);
+		for (i = 4; i < VMIG_GUEST_TAIL_OFFSET / 8; i++)
+			same += p[i] == q[i];
+	}
+	/* text: 6 of each 8 words are the same text on every page */
+	if (text)
+		ck_assert_msg(same > (n - 1) * 370, "text pages share only %" PRIu64 " words",
+			      same);
+	else
+		ck_assert_msg(same < n, "random pages share %" PRIu64 " words", same);
+	ck_assert_int_eq(vmig_vm_pause(vm), 0);
+	ck_assert_msg(vmig_guest_verify(vm, &err) == 0, "%s", err.msg);
+	vmig_vm_destroy(vm);
+}
+
+START_TEST(fill_then_idle)
+{
+	check_fill_then_idle("rate=max,wss=2M,fill=random,idle_after=1,quiet", false);
+	check_fill_then_idle("rate=max,wss=2M,fill=text,idle_after=1,quiet", true);
 }
 END_TEST
 
@@ -306,6 +364,8 @@ START_TEST(bad_configs_fail_clearly)
 	expect_create_error(64 << 20, 33, NULL, -EINVAL, "vCPU count");
 	expect_create_error(64 << 20, 1, "rate=fast", -EINVAL, "rate");
 	expect_create_error(64 << 20, 1, "speed=1", -EINVAL, "unknown key 'speed'");
+	expect_create_error(64 << 20, 1, "fill=zero", -EINVAL, "fill");
+	expect_create_error(64 << 20, 1, "idle_after=x", -EINVAL, "idle_after");
 	expect_create_error(64 << 20, 2, "wss=40M", -EINVAL, "raise --memory");
 }
 END_TEST
@@ -321,6 +381,7 @@ int main(void)
 	tcase_set_timeout(run, 120);
 	tcase_add_test(run, runs_one_vcpu);
 	tcase_add_test(run, runs_two_vcpus);
+	tcase_add_test(run, fill_then_idle);
 	tcase_add_test(run, pause_freezes_resume_restarts);
 	suite_add_tcase(s, run);
 

@@ -43,6 +43,14 @@ int cmd_pause(int argc, char **argv);
 int cmd_resume(int argc, char **argv);
 int cmd_stop(int argc, char **argv);
 int cmd_console(int argc, char **argv);
+int cmd_evacuate(int argc, char **argv);
+int cmd_host_info(int argc, char **argv);
+
+/*
+ * The drain mark (cli/cmd-host-info.c): 0 if this host takes VMs, else
+ * -EBUSY with why in @msg ("this host is being drained ...").
+ */
+int cli_drain_check(char *msg, size_t len);
 
 /*
  * The VMM's console socket (cli/console.c): serve @path for `vmig

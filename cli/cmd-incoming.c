@@ -52,7 +52,12 @@ struct claim_ctx {
 static int claim_name(void *arg, const char *name, struct vmig_err *err)
 {
 	struct claim_ctx *c = arg;
+	char why[512];
 
+	if (cli_drain_check(why, sizeof(why)) < 0) {
+		vmig_err_set(err, -EBUSY, "VM '%s' refused: %s", name, why);
+		return -EBUSY;
+	}
 	if (cli_make_paths(name, &c->paths) < 0) {
 		vmig_err_set(err, -EINVAL, "cannot set up the run directory for '%s'", name);
 		return -EINVAL;
@@ -411,9 +416,16 @@ int cmd_incoming(int argc, char **argv)
 {
 	struct in_opts o;
 	int ret = parse_in(argc, argv, &o, false);
+	char why[512];
 
 	if (ret)
 		return ret;
+	/* --stdio: the source is connected already; the VM's claim refuses
+	 * it, and that error reaches the source. */
+	if (!o.stdio && cli_drain_check(why, sizeof(why)) < 0) {
+		cli_error("no incoming migration: %s", why);
+		return VMIG_EXIT_ERROR;
+	}
 	return o.detach ? run_detached(&o) : receive_and_serve(&o, NULL);
 }
 

@@ -387,6 +387,14 @@ int cmd_run(int argc, char **argv)
 	ret = parse_run(argc, argv, &o);
 	if (ret)
 		return ret;
+	{
+		char why[512];
+
+		if (cli_drain_check(why, sizeof(why)) < 0) {
+			cli_error("cannot start VM '%s': %s", o.name, why);
+			return VMIG_EXIT_ERROR;
+		}
+	}
 	if (cli_make_paths(o.name, &p) < 0)
 		return VMIG_EXIT_ERROR;
 	lock_fd = cli_lock_name(o.name, p.pid);

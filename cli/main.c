@@ -37,6 +37,8 @@ static const struct command commands[] = {
 	{ "cancel", cmd_cancel, "cancel a VM's migration or save" },
 	{ "save",   cmd_save,   "write a VM to a file and stop it" },
 	{ "restore", cmd_restore, "start a VM from a file written by save" },
+	{ "evacuate", cmd_evacuate, "live-migrate every VM off this host" },
+	{ "host-info", cmd_host_info, "show free memory, CPUs and the drain mark" },
 };
 
 void cli_error(const char *fmt, ...)

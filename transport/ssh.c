@@ -255,8 +255,8 @@ int vmig__ssh_parse_uri(const char *rest, const char *uri, struct vmig_uri *out,
 struct vmig_ssh_options *vmig_ssh_options_dup(const struct vmig_ssh_options *in)
 {
 	static const struct vmig_ssh_options none;
-	const char *const *src[5];
-	const char **dst[5];
+	const char *const *src[6];
+	const char **dst[6];
 	struct vmig_ssh_options *o;
 	size_t size = sizeof(*o);
 	char *p;
@@ -269,7 +269,8 @@ struct vmig_ssh_options *vmig_ssh_options_dup(const struct vmig_ssh_options *in)
 	src[2] = &in->known_hosts;
 	src[3] = &in->identity;
 	src[4] = &in->agent_socket;
-	for (i = 0; i < 5; i++)
+	src[5] = &in->remote_args;
+	for (i = 0; i < 6; i++)
 		if (*src[i])
 			size += strlen(*src[i]) + 1;
 	o = calloc(1, size);
@@ -281,8 +282,9 @@ struct vmig_ssh_options *vmig_ssh_options_dup(const struct vmig_ssh_options *in)
 	dst[2] = &o->known_hosts;
 	dst[3] = &o->identity;
 	dst[4] = &o->agent_socket;
+	dst[5] = &o->remote_args;
 	p = (char *)(o + 1);
-	for (i = 0; i < 5; i++) {
+	for (i = 0; i < 6; i++) {
 		if (!*src[i])
 			continue;
 		size = strlen(*src[i]) + 1;
@@ -321,6 +323,10 @@ int vmig_ssh_remote_command(const struct vmig_ssh_options *o, char *buf, size_t 
 	size_t pos;
 	int n;
 
+	if (o && o->remote_args) {
+		n = snprintf(buf, len, "%s %s", vmig, o->remote_args);
+		return n < 0 || (size_t)n >= len ? -ENOSPC : 0;
+	}
 	n = snprintf(buf, len, "%s incoming --stdio", vmig);
 	if (n < 0 || (size_t)n >= len)
 		return -ENOSPC;

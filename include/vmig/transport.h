@@ -388,6 +388,10 @@ struct vmig_ssh_options {
 	const char *identity;
 	/* ssh-agent socket; NULL: $SSH_AUTH_SOCK; "": no agent. */
 	const char *agent_socket;
+	/* What follows REMOTE_VMIG on the remote command line, as the remote
+	 * shell parses it; NULL: "incoming --stdio [--name DEST]" (see
+	 * vmig_ssh_exec() in transport/ssh-exec.c). */
+	const char *remote_args;
 };
 
 /*
@@ -439,5 +443,23 @@ struct vmig_ssh_options *vmig_ssh_options_dup(const struct vmig_ssh_options *in)
  * it ("vmig incoming --stdio --name 'web1'").  0 or -ENOSPC.
  */
 int vmig_ssh_remote_command(const struct vmig_ssh_options *opts, char *buf, size_t len);
+
+/*
+ * Run `REMOTE_VMIG ARGS` on the host of @uri, logged in exactly as
+ * vmig_transport_connect_ssh() does (host key checked first, public-key
+ * authentication, never a prompt), with an empty stdin, and collect its
+ * standard output (at most @max_out bytes, NUL-terminated, in *out, to be
+ * freed with free()).  @opts->remote_args is ignored: @args replaces it.
+ * The whole exchange is bounded by @timeout_ms (-1: no limit).
+ *
+ * Returns 0 when the command exited with status 0; otherwise -errno with
+ * a message naming the host in @err: the connect errors of
+ * vmig_transport_connect_ssh(), -ENOENT (command not found there),
+ * -EPIPE (non-zero exit status, with the last line of its stderr),
+ * -EMSGSIZE (more output than @max_out), -ETIMEDOUT.  Blocking; any
+ * thread (each call has its own session).
+ */
+int vmig_ssh_exec(const char *uri, const struct vmig_ssh_options *opts, const char *args,
+		  int timeout_ms, size_t max_out, char **out, struct vmig_err *err);
 
 #endif /* VMIG_TRANSPORT_H */

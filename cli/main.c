@@ -37,6 +37,9 @@ static const struct command commands[] = {
 	{ "cancel", cmd_cancel, "cancel a VM's migration or save" },
 	{ "save",   cmd_save,   "write a VM to a file and stop it" },
 	{ "restore", cmd_restore, "start a VM from a file written by save" },
+#ifdef HAVE_LIBVIRT
+	{ "libvirt-serve", cmd_libvirt_serve, "serve libvirt's protocol (virsh) for this host's VMs" },
+#endif
 	{ "evacuate", cmd_evacuate, "live-migrate every VM off this host" },
 	{ "host-info", cmd_host_info, "show free memory, CPUs and the drain mark" },
 };

@@ -151,6 +151,7 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 	struct vmig_listener *l = NULL;
 	struct vmig_transport *t = NULL;
 	struct vmig_vm *vm = NULL;
+	struct cli_console *console = NULL;
 	char msg[4096 + 512];
 	int sig_fd, listen_fd = -1, ret, code = VMIG_EXIT_ERROR;
 
@@ -220,6 +221,11 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 		/* The VM runs here now: keep it, without a control socket. */
 		fprintf(stderr, "vmig: cannot listen on %s: %s\n", claim.paths.sock, strerror(-ret));
 	}
+	/* `vmig console NAME` works here as for a VM started by `vmig run`. */
+	ret = cli_console_start(vm, claim.paths.console, false, &console);
+	if (ret)
+		fprintf(stderr, "vmig: cannot listen on %s: %s\n", claim.paths.console,
+			strerror(-ret));
 	if (o->notify_fd >= 0) {
 		cli_notify_parent(o->notify_fd, "");
 		o->notify_fd = -1;
@@ -230,6 +236,29 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 		vmig_vm_config(vm)->name, o->file ? "restored" : "arrived",
 		vmig_vm_state_name(vmig_vm_state(vm)), claim.paths.sock);
 	code = cli_control_serve(vm, listen_fd, sig_fd);
+	/*
+	 * A Linux guest that reset itself boots again in a fresh VM, from
+	 * the kernel, initrd and command line its source sent along.
+	 */
+	while (vmig_vm_reboot_requested(vm) && vmig_vm_can_reboot(vm)) {
+		char name[128];
+
+		snprintf(name, sizeof(name), "%s", vmig_vm_config(vm)->name);
+		err = (struct vmig_err){ 0 };
+		cli_console_set_vm(console, NULL);
+		ret = vmig_vm_recreate(&vm, &err);
+		if (!ret)
+			ret = vmig_vm_start(vm, &err);
+		if (ret) {
+			cli_error("cannot restart VM '%s' after its reboot: %s", name,
+				  err.msg[0] ? err.msg : strerror(-ret));
+			code = VMIG_EXIT_ERROR;
+			break;
+		}
+		cli_console_set_vm(console, vm);
+		fprintf(stderr, "vmig: VM '%s' restarted\n", name);
+		code = cli_control_serve(vm, listen_fd, sig_fd);
+	}
 	goto out;
 
 fail_msg:
@@ -237,6 +266,7 @@ fail_msg:
 		cli_notify_parent(o->notify_fd, msg);
 	cli_error("%s", msg);
 out:
+	cli_console_stop(console);
 	if (listen_fd >= 0) {
 		unlink(claim.paths.sock);
 		close(listen_fd);

@@ -337,12 +337,10 @@ static int vmm_main(const struct run_opts *o, const struct cli_paths *p, int not
 	}
 	code = cli_control_serve(vm, listen_fd, sig_fd);
 	/* A --kernel guest that reset itself boots again in a fresh VM. */
-	while (o->kernel && vmig_vm_reboot_requested(vm)) {
+	while (vmig_vm_reboot_requested(vm) && vmig_vm_can_reboot(vm)) {
 		cli_console_set_vm(console, NULL);
-		vmig_vm_destroy(vm);
-		vm = NULL;
 		err = (struct vmig_err){ 0 };
-		ret = vmig_vm_create(&cfg, &vm, &err);
+		ret = vmig_vm_recreate(&vm, &err);
 		if (!ret)
 			ret = vmig_vm_start(vm, &err);
 		if (ret) {

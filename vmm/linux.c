@@ -5,8 +5,8 @@
  * vmig plays the boot loader and the firmware at once: it writes the
  * "zero page" (struct boot_params: the setup header, an e820 map matching
  * vmig's RAM layout, the command line and initrd), a GDT, identity page
- * tables for the first 4 GiB, and an MP table for the vCPUs, IOAPIC and ISA
- * interrupts (no ACPI), then puts the boot vCPU straight into 64-bit long
+ * tables for the first 4 GiB, ACPI tables (acpi.c) and an MP table for the
+ * vCPUs, IOAPIC and ISA interrupts, then puts the boot vCPU straight into 64-bit long
  * mode as Documentation/x86/boot.rst's "64-bit boot protocol" asks:
  * CS = __BOOT_CS (0x10), the data segments __BOOT_DS (0x18), RSI = the
  * zero page, interrupts off.  Nothing runs in real or 32-bit mode, which
@@ -15,10 +15,11 @@
  * the kernel's trampoline brings them up.
  *
  * Guest-physical layout of what vmig writes (all in e820 RAM the kernel
- * reclaims, except the MP table, which is in a reserved range):
+ * reclaims, except the MP and ACPI tables, which are in reserved ranges):
  *   0x00500  GDT                     0x07000  boot_params
  *   0x09000  PML4, PDPT, 4 PDs       0x20000  command line
  *   0x9fc00  MP floating pointer and configuration table
+ *   0xe0000  ACPI: RSDP, RSDT, XSDT, FADT, FACS, DSDT, MADT
  *   kernel at its preferred address (16 MiB), initrd at the top of low RAM.
  *
  * Images are trusted no more than any file: every offset, size and
@@ -49,10 +50,12 @@
 #define CMDLINE_MAX      0x10000u
 #define LOW_MEM_END      0x9fc00ull    /* then the MP table, "EBDA" */
 #define MPTABLE_GPA      LOW_MEM_END
-#define BIOS_START       0xf0000ull
+#define ACPI_GPA         0xe0000ull    /* the BIOS area, where Linux scans too */
+#define BIOS_START       ACPI_GPA
 #define KERNEL_MIN_GPA   0x100000ull
 
 /* Offsets in struct boot_params and its setup header (boot.rst). */
+#define BP_ACPI_RSDP_ADDR    0x070
 #define BP_EXT_RAMDISK_IMAGE 0x0c0
 #define BP_EXT_RAMDISK_SIZE  0x0c4
 #define BP_EXT_CMD_LINE_PTR  0x0c8
@@ -89,10 +92,8 @@
 #define E820_RAM             1
 #define E820_RESERVED        2
 
-/* KVM's TSS and identity map pages, see vm.c; the IOAPIC and LAPIC. */
+/* KVM's TSS and identity map pages, see vm.c. */
 #define KVM_PRIVATE_GPA      0xfffbc000ull
-#define IOAPIC_GPA           0xfec00000u
-#define LAPIC_GPA            0xfee00000u
 
 struct e820_entry {
 	uint64_t addr, size;
@@ -341,6 +342,7 @@ static int write_zero_page(struct vmig_vm *vm, uint8_t *zp, const struct kernel_
 	put16(zp + HDR_HEAP_END_PTR, 0xfe00);
 	put32(zp + HDR_CMD_LINE_PTR, (uint32_t)CMDLINE_GPA);
 	put32(zp + BP_EXT_CMD_LINE_PTR, 0);
+	put64(zp + BP_ACPI_RSDP_ADDR, ACPI_GPA);
 
 	n = build_e820(vm, e820);
 	zp[BP_E820_ENTRIES] = (uint8_t)n;
@@ -384,7 +386,7 @@ size_t vmig__mptable_write(uint8_t *base, uint32_t gpa, unsigned int nr_vcpus)
 	p[1] = (uint8_t)ioapic_id;
 	p[2] = 0x11;
 	p[3] = 0x01;
-	put32(p + 4, IOAPIC_GPA);
+	put32(p + 4, VMIG__IOAPIC_GPA);
 	p += 8, entries++;
 	/*
 	 * ISA IRQ n on IOAPIC pin n, including the PIT's IRQ 0: that is how
@@ -421,7 +423,7 @@ size_t vmig__mptable_write(uint8_t *base, uint32_t gpa, unsigned int nr_vcpus)
 	memcpy(mpc + 8, "VMIG    ", 8);
 	memcpy(mpc + 16, "KVM VM      ", 12);
 	put16(mpc + 34, (uint16_t)entries);
-	put32(mpc + 36, LAPIC_GPA);
+	put32(mpc + 36, VMIG__LAPIC_GPA);
 	mpc[7] = checksum(mpc, (size_t)(p - mpc));
 
 	memcpy(mpf, "_MP_", 4);
@@ -510,7 +512,7 @@ int vmig__linux_load(struct vmig_vm *vm, const uint8_t *image, size_t size,
 		     struct vmig_err *err)
 {
 	struct kernel_image k = { 0 };
-	uint8_t *zp, *mp;
+	uint8_t *zp, *mp, *acpi;
 	int ret;
 
 	if (low_ram_end(vm) < (32ull << 20)) {
@@ -519,6 +521,7 @@ int vmig__linux_load(struct vmig_vm *vm, const uint8_t *image, size_t size,
 	}
 	zp = vmig_vm_gpa_to_hva(vm, ZERO_PAGE_GPA, 4096);
 	mp = vmig_vm_gpa_to_hva(vm, MPTABLE_GPA, 1024);
+	acpi = vmig_vm_gpa_to_hva(vm, ACPI_GPA, VMIG__ACPI_SIZE);
 	memset(zp, 0, 4096);
 
 	if (vmig__linux_is_bzimage(image, size)) {
@@ -537,6 +540,7 @@ int vmig__linux_load(struct vmig_vm *vm, const uint8_t *image, size_t size,
 	if (ret)
 		return ret;
 	vmig__mptable_write(mp, (uint32_t)MPTABLE_GPA, vm->cfg.nr_vcpus);
+	vmig__acpi_write(acpi, (uint32_t)ACPI_GPA, vm->cfg.nr_vcpus);
 	write_tables(vm);
 	vmig_log(VMIG_LOG_DEBUG, "linux: kernel 0x%" PRIx64 "-0x%" PRIx64 ", entry 0x%" PRIx64
 		 ", initrd %zu bytes", k.load_gpa, k.end_gpa, k.entry_gpa, initrd_size);
@@ -598,18 +602,41 @@ out:
 	return ret;
 }
 
-int vmig__linux_load_files(struct vmig_vm *vm, struct vmig_err *err)
+void vmig__boot_free(struct vmig__boot *b)
 {
-	uint8_t *image = NULL, *initrd = NULL;
-	size_t image_len = 0, initrd_len = 0;
+	free(b->kernel);
+	free(b->initrd);
+	free(b->cmdline);
+	memset(b, 0, sizeof(*b));
+}
+
+/*
+ * The images are read once and kept: a reboot boots the same kernel even
+ * if its file changed or (after a migration) does not exist here, as
+ * firmware that loaded it into memory would.
+ */
+int vmig__linux_boot(struct vmig_vm *vm, struct vmig_err *err)
+{
+	struct vmig__boot *b = &vm->boot;
 	int ret;
 
-	ret = read_file(vm->kernel, "kernel", 1ull << 30, &image, &image_len, err);
-	if (!ret && vm->initrd)
-		ret = read_file(vm->initrd, "initrd", 2ull << 30, &initrd, &initrd_len, err);
-	if (!ret)
-		ret = vmig__linux_load(vm, image, image_len, initrd, initrd_len, vm->cmdline, err);
-	free(image);
-	free(initrd);
-	return ret;
+	if (!b->kernel) {
+		ret = read_file(vm->kernel, "kernel", 1ull << 30, &b->kernel, &b->kernel_len, err);
+		if (!ret && vm->initrd)
+			ret = read_file(vm->initrd, "initrd", 2ull << 30, &b->initrd,
+					&b->initrd_len, err);
+		if (!ret) {
+			b->cmdline = strdup(vm->cmdline ? vm->cmdline : "");
+			if (!b->cmdline) {
+				ret = -ENOMEM;
+				vmig_err_set(err, ret, "out of memory");
+			}
+		}
+		if (ret) {
+			vmig__boot_free(b);
+			return ret;
+		}
+	}
+	return vmig__linux_load(vm, b->kernel, b->kernel_len, b->initrd, b->initrd_len,
+				b->cmdline, err);
 }

@@ -2,7 +2,8 @@
  * The small PC devices a Linux guest touches besides the UART: the CMOS
  * real-time clock and NVRAM (ports 0x70/0x71), the i8042 keyboard
  * controller just far enough for its reset line (reboot=k), and the reset
- * control register at 0xcf9 (reboot=pci).  The PIC, PIT, IOAPIC and LAPIC
+ * control register at 0xcf9 (reboot=pci, and the ACPI reset register).
+ * The ACPI PM1 registers are acpi.c's.  The PIC, PIT, IOAPIC and LAPIC
  * are KVM's, in the kernel.
  *
  * The RTC has no ticking state of its own: it reads the host's clock
@@ -208,6 +209,8 @@ static void request_reset(struct vmig_vm *vm, const char *how)
 bool vmig__platform_io(struct vmig_vm *vm, uint16_t port, bool is_write, uint8_t *data,
 		       unsigned int size)
 {
+	if (vmig__acpi_pm_io(vm, port, is_write, data, size))
+		return true;
 	switch (port) {
 	case 0x70:
 	case 0x71:

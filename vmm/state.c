@@ -10,7 +10,18 @@
  *   per VM (instance 0): irqchip.pic-master, irqchip.pic-slave,
  *   irqchip.ioapic, pit, clock, serial; and, optional on load (a source
  *   without them gets the devices' reset state), serial.ext (the UART's
- *   receive buffer and interrupt state) and cmos (RTC offset and NVRAM).
+ *   receive buffer and interrupt state), cmos (RTC offset and NVRAM) and
+ *   acpi.pm (the PM1 registers).
+ *
+ * A Linux guest's boot images, so that the VM can reboot wherever it is
+ * (optional on load: without them a reboot ends the VM), version 1:
+ *   linux.boot/0: u64 kernel bytes, u64 initrd bytes, u32 command line
+ *   bytes, u32 chunk size, then the command line (no NUL);
+ *   linux.kernel/I and linux.initrd/I: the images in chunks of the chunk
+ *   size, instance I the I-th (a record body is at most 64 MiB).
+ * They go with the rest of the state while the VM is paused, so they add
+ * their size to a migration's downtime (a few MB for a small kernel and
+ * initramfs).
  *
  * Load order matters and is fixed here, whatever order the sections
  * arrived in: CPUID before anything (it decides which MSRs and XSAVE
@@ -231,12 +242,64 @@ static int save_irqchip(struct vmig_vm *vm, unsigned int chip, const char *name,
 	return emit(arg, name, 1, 0, &ic.chip, sizeof(ic.chip));
 }
 
+/* ---- a Linux guest's boot images ---- */
+
+#define BOOT_CHUNK      (16u << 20)
+#define BOOT_HDR_LEN    24u
+#define BOOT_CMDLINE_MAX 65536u
+
+static int save_chunks(const char *name, const uint8_t *p, size_t len,
+		       vmig_vm_state_emit_fn *emit, void *arg)
+{
+	uint32_t i;
+	int ret = 0;
+
+	for (i = 0; !ret && (size_t)i * BOOT_CHUNK < len; i++) {
+		size_t off = (size_t)i * BOOT_CHUNK;
+
+		ret = emit(arg, name, 1, i, p + off, len - off < BOOT_CHUNK ? len - off : BOOT_CHUNK);
+	}
+	return ret;
+}
+
+static int save_boot(struct vmig_vm *vm, vmig_vm_state_emit_fn *emit, void *arg,
+		     struct vmig_err *err)
+{
+	const struct vmig__boot *b = &vm->boot;
+	size_t cl = b->cmdline ? strlen(b->cmdline) : 0;
+	uint64_t k = b->kernel_len, i = b->initrd_len;
+	uint32_t c = (uint32_t)cl, chunk = BOOT_CHUNK;
+	uint8_t *hdr;
+	int ret;
+
+	if (!b->kernel)
+		return 0;
+	hdr = malloc(BOOT_HDR_LEN + cl);
+	if (!hdr) {
+		vmig_err_set(err, -ENOMEM, "out of memory");
+		return -ENOMEM;
+	}
+	memcpy(hdr, &k, 8);
+	memcpy(hdr + 8, &i, 8);
+	memcpy(hdr + 16, &c, 4);
+	memcpy(hdr + 20, &chunk, 4);
+	memcpy(hdr + BOOT_HDR_LEN, b->cmdline, cl);
+	ret = emit(arg, "linux.boot", 1, 0, hdr, BOOT_HDR_LEN + cl);
+	free(hdr);
+	if (!ret)
+		ret = save_chunks("linux.kernel", b->kernel, b->kernel_len, emit, arg);
+	if (!ret)
+		ret = save_chunks("linux.initrd", b->initrd, b->initrd_len, emit, arg);
+	return ret;
+}
+
 int vmig_vm_state_save(struct vmig_vm *vm, vmig_vm_state_emit_fn *emit, void *arg,
 		       struct vmig_err *err)
 {
 	struct vmig__serial_state ss;
 	struct vmig__serial_ext_state *sx;
 	struct vmig__cmos_state cs;
+	struct vmig__acpi_pm_state ps;
 	unsigned int i;
 	int ret;
 
@@ -270,6 +333,11 @@ int vmig_vm_state_save(struct vmig_vm *vm, vmig_vm_state_emit_fn *emit, void *ar
 	vmig__cmos_save(&vm->cmos, &cs);
 	if (!ret)
 		ret = emit(arg, "cmos", 1, 0, &cs, sizeof(cs));
+	vmig__acpi_pm_save(&vm->acpi_pm, &ps);
+	if (!ret)
+		ret = emit(arg, "acpi.pm", 1, 0, &ps, sizeof(ps));
+	if (!ret)
+		ret = save_boot(vm, emit, arg, err);
 	for (i = 0; !ret && i < vm->cfg.nr_vcpus; i++)
 		ret = save_vcpu(vm, &vm->vcpus[i], emit, arg, err);
 	return ret;
@@ -487,17 +555,115 @@ static int optional(const struct vmig_state_section *s, size_t n, const char *na
 static int load_devices(struct vmig_vm *vm, const struct vmig_state_section *serial,
 			const struct vmig_state_section *s, size_t n, struct vmig_err *err)
 {
-	const struct vmig_state_section *sx, *cs;
+	const struct vmig_state_section *sx, *cs, *ps;
 	int ret;
 
 	ret = optional(s, n, "serial.ext", sizeof(struct vmig__serial_ext_state), &sx, err);
 	if (!ret)
 		ret = optional(s, n, "cmos", sizeof(struct vmig__cmos_state), &cs, err);
+	if (!ret)
+		ret = optional(s, n, "acpi.pm", sizeof(struct vmig__acpi_pm_state), &ps, err);
 	if (ret)
 		return ret;
 	vmig__serial_load(&vm->serial, serial->data, sx ? sx->data : NULL);
 	if (cs)
 		vmig__cmos_load(&vm->cmos, cs->data);
+	if (ps)
+		vmig__acpi_pm_load(&vm->acpi_pm, ps->data);
+	return 0;
+}
+
+/*
+ * @len bytes from sections @name/0, /1, ... of exactly @chunk bytes each
+ * but the last; every one checked before anything is allocated, so the
+ * allocation is no larger than what arrived.
+ */
+static int load_chunks(const struct vmig_state_section *s, size_t n, const char *name,
+		       uint64_t len, uint32_t chunk, uint8_t **out, struct vmig_err *err)
+{
+	uint64_t nr = (len + chunk - 1) / chunk, i;
+	const struct vmig_state_section *sec;
+	uint8_t *buf;
+	int ret;
+
+	*out = NULL;
+	if (!len)
+		return 0;
+	for (i = 0; i < nr; i++) {
+		uint64_t want = len - i * chunk < chunk ? len - i * chunk : chunk;
+
+		ret = need(s, n, name, (uint32_t)i, (size_t)want, &sec, err);
+		if (ret)
+			return ret;
+	}
+	for (i = 0; i < n; i++) {
+		if (s[i].instance >= nr && !strcmp(s[i].name, name)) {
+			vmig_err_set(err, -EBADMSG, "section %s/%u is past the %" PRIu64
+				     " chunks linux.boot says", name, s[i].instance, nr);
+			return -EBADMSG;
+		}
+	}
+	buf = malloc((size_t)len);
+	if (!buf) {
+		vmig_err_set(err, -ENOMEM, "out of memory for the guest's %s", name);
+		return -ENOMEM;
+	}
+	for (i = 0; i < nr; i++) {
+		sec = find(s, n, name, (uint32_t)i);
+		memcpy(buf + i * chunk, sec->data, sec->len);
+	}
+	*out = buf;
+	return 0;
+}
+
+static int load_boot(struct vmig_vm *vm, const struct vmig_state_section *s, size_t n,
+		     struct vmig_err *err)
+{
+	const struct vmig_state_section *sec;
+	struct vmig__boot b = { 0 };
+	uint64_t k, i;
+	uint32_t c, chunk;
+	int ret;
+
+	if (!find(s, n, "linux.boot", 0))
+		return 0;
+	ret = need(s, n, "linux.boot", 0, 0, &sec, err);
+	if (ret)
+		return ret;
+	if (sec->len < BOOT_HDR_LEN) {
+		vmig_err_set(err, -EBADMSG, "section linux.boot/0 is %zu bytes, too short",
+			     sec->len);
+		return -EBADMSG;
+	}
+	memcpy(&k, sec->data, 8);
+	memcpy(&i, (const uint8_t *)sec->data + 8, 8);
+	memcpy(&c, (const uint8_t *)sec->data + 16, 4);
+	memcpy(&chunk, (const uint8_t *)sec->data + 20, 4);
+	if (k == 0 || k > (1ull << 30) || i > (2ull << 30) || c >= BOOT_CMDLINE_MAX ||
+	    c != sec->len - BOOT_HDR_LEN || chunk < 4096 || chunk > (32u << 20)) {
+		vmig_err_set(err, -EBADMSG, "section linux.boot/0 is damaged (kernel %" PRIu64
+			     " bytes, initrd %" PRIu64 ", command line %u, chunk %u)", k, i, c,
+			     chunk);
+		return -EBADMSG;
+	}
+	b.kernel_len = (size_t)k;
+	b.initrd_len = (size_t)i;
+	b.cmdline = malloc(c + 1);
+	if (!b.cmdline) {
+		vmig_err_set(err, -ENOMEM, "out of memory");
+		return -ENOMEM;
+	}
+	memcpy(b.cmdline, (const uint8_t *)sec->data + BOOT_HDR_LEN, c);
+	b.cmdline[c] = 0;
+	ret = load_chunks(s, n, "linux.kernel", k, chunk, &b.kernel, err);
+	if (!ret)
+		ret = load_chunks(s, n, "linux.initrd", i, chunk, &b.initrd, err);
+	if (ret) {
+		vmig__boot_free(&b);
+		return ret;
+	}
+	vmig__boot_free(&vm->boot);
+	vm->boot = b;
 	return 0;
 }
 
@@ -513,7 +679,9 @@ int vmig_vm_state_load(struct vmig_vm *vm, const struct vmig_state_section *s, s
 		vmig_err_set(err, -EBUSY, "state can only be loaded into a VM not yet started");
 		return -EBUSY;
 	}
-	ret = load_irqchip(vm, KVM_IRQCHIP_PIC_MASTER, "irqchip.pic-master", s, n, err);
+	ret = load_boot(vm, s, n, err);
+	if (!ret)
+		ret = load_irqchip(vm, KVM_IRQCHIP_PIC_MASTER, "irqchip.pic-master", s, n, err);
 	if (!ret)
 		ret = load_irqchip(vm, KVM_IRQCHIP_PIC_SLAVE, "irqchip.pic-slave", s, n, err);
 	if (!ret)

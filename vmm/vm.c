@@ -40,7 +40,8 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
 }
 
-static int check_config(const struct vmig_vm_config *cfg, struct vmig_err *err)
+static int check_config(const struct vmig_vm_config *cfg, bool have_boot,
+			struct vmig_err *err)
 {
 	char sz[32];
 
@@ -63,7 +64,7 @@ static int check_config(const struct vmig_vm_config *cfg, struct vmig_err *err)
 	}
 	if (cfg->incoming)
 		return 0;
-	if (cfg->kernel) {
+	if (cfg->kernel || have_boot) {
 		if (cfg->workload) {
 			vmig_err_set(err, -EINVAL, "a VM boots either a Linux --kernel or the "
 				     "built-in guest's --workload, not both");
@@ -162,8 +163,8 @@ static int load_guest(struct vmig_vm *vm, struct vmig_err *err)
 	char cmdline[1024];
 	int n;
 
-	if (vm->kernel)
-		return vmig__linux_load_files(vm, err);
+	if (vm->kernel || vm->boot.kernel)
+		return vmig__linux_boot(vm, err);
 	n = snprintf(cmdline, sizeof(cmdline), "vcpus=%u tsc_khz=%u %s",
 		     vm->cfg.nr_vcpus, vm->tsc_khz, vm->workload ? vm->workload : "");
 	if (n < 0 || (size_t)n >= sizeof(cmdline)) {
@@ -175,28 +176,37 @@ static int load_guest(struct vmig_vm *vm, struct vmig_err *err)
 				    cmdline, err);
 }
 
-int vmig_vm_create(const struct vmig_vm_config *cfg, struct vmig_vm **out,
-		   struct vmig_err *err)
+/* Build a VM; @boot (NULL: none) is taken over, whatever the outcome. */
+static int create(const struct vmig_vm_config *cfg, struct vmig__boot *boot,
+		  struct vmig_vm **out, struct vmig_err *err)
 {
 	struct vmig_vm *vm;
 	unsigned int i;
 	int ret;
 
 	*out = NULL;
-	ret = check_config(cfg, err);
-	if (ret)
-		return ret;
-	ret = vmig__vcpu_setup_signals();
-	if (ret) {
-		vmig_err_set(err, ret, "cannot install the vCPU signal handler: %s", strerror(-ret));
-		return ret;
+	ret = check_config(cfg, boot && boot->kernel, err);
+	if (!ret) {
+		ret = vmig__vcpu_setup_signals();
+		if (ret)
+			vmig_err_set(err, ret, "cannot install the vCPU signal handler: %s",
+				     strerror(-ret));
 	}
-
-	vm = calloc(1, sizeof(*vm));
+	vm = ret ? NULL : calloc(1, sizeof(*vm));
 	if (!vm) {
-		vmig_err_set(err, -ENOMEM, "out of memory");
-		return -ENOMEM;
+		if (!ret) {
+			ret = -ENOMEM;
+			vmig_err_set(err, ret, "out of memory");
+		}
+		if (boot)
+			vmig__boot_free(boot);
+		return ret;
 	}
+	if (boot) {
+		vm->boot = *boot;
+		memset(boot, 0, sizeof(*boot));
+	}
+	vmig__acpi_pm_init(&vm->acpi_pm);
 	vm->kvm_fd = vm->vm_fd = vm->event_fd = vm->mem_fd = -1;
 	for (i = 0; i < VMIG_VM_MAX_VCPUS; i++)
 		vm->vcpus[i].fd = -1;
@@ -264,6 +274,38 @@ int vmig_vm_create(const struct vmig_vm_config *cfg, struct vmig_vm **out,
 	return 0;
 fail:
 	vmig_vm_destroy(vm);
+	return ret;
+}
+
+int vmig_vm_create(const struct vmig_vm_config *cfg, struct vmig_vm **out,
+		   struct vmig_err *err)
+{
+	return create(cfg, NULL, out, err);
+}
+
+bool vmig_vm_can_reboot(const struct vmig_vm *vm)
+{
+	return vm->boot.kernel != NULL;
+}
+
+int vmig_vm_recreate(struct vmig_vm **vmp, struct vmig_err *err)
+{
+	struct vmig_vm *old = *vmp;
+	struct vmig_vm_config cfg = old->cfg;
+	struct vmig__boot boot = old->boot;
+	char *strs[5] = { old->name, old->workload, old->kernel, old->initrd, old->cmdline };
+	unsigned int i;
+	int ret;
+
+	/* cfg keeps pointing at the old VM's strings, which it no longer frees. */
+	memset(&old->boot, 0, sizeof(old->boot));
+	old->name = old->workload = old->kernel = old->initrd = old->cmdline = NULL;
+	vmig_vm_destroy(old);
+	*vmp = NULL;
+	cfg.incoming = false;
+	ret = create(&cfg, boot.kernel ? &boot : NULL, vmp, err);
+	for (i = 0; i < 5; i++)
+		free(strs[i]);
 	return ret;
 }
 
@@ -414,6 +456,8 @@ void vmig_vm_destroy(struct vmig_vm *vm)
 	free(vm->cpuid);
 	vmig__serial_fini(&vm->serial);
 	vmig__cmos_fini(&vm->cmos);
+	vmig__acpi_pm_fini(&vm->acpi_pm);
+	vmig__boot_free(&vm->boot);
 	pthread_cond_destroy(&vm->cond);
 	pthread_mutex_destroy(&vm->lock);
 	free(vm->name);

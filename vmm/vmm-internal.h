@@ -75,6 +75,46 @@ void vmig__cmos_io(struct vmig__cmos *c, unsigned int off, bool is_write, uint8_
 void vmig__cmos_save(struct vmig__cmos *c, struct vmig__cmos_state *out);
 void vmig__cmos_load(struct vmig__cmos *c, const struct vmig__cmos_state *in);
 
+/* ACPI tables and the PM1a registers (acpi.c). */
+#define VMIG__IOAPIC_GPA     0xfec00000u
+#define VMIG__LAPIC_GPA      0xfee00000u
+#define VMIG__ACPI_SIZE      4096u   /* what vmig__acpi_write() may write */
+
+struct vmig__acpi_pm {
+	pthread_mutex_t lock;
+	uint16_t sts, en, cnt;       /* PM1_STS, PM1_EN, PM1_CNT */
+};
+
+/* As migrated (section "acpi.pm", version 1; optional on load). */
+struct vmig__acpi_pm_state {
+	uint16_t sts, en, cnt, reserved;
+};
+
+/*
+ * Write RSDP, RSDT, XSDT, FADT, FACS, DSDT and MADT for @nr_vcpus at
+ * @base, which the guest sees at @gpa (16-byte aligned, below 1 MiB so
+ * the kernel's RSDP scan finds it too).  Returns the bytes used.
+ */
+size_t vmig__acpi_write(uint8_t *base, uint32_t gpa, unsigned int nr_vcpus);
+void vmig__acpi_pm_init(struct vmig__acpi_pm *pm);
+void vmig__acpi_pm_fini(struct vmig__acpi_pm *pm);
+/* Ports 0x600-0x605; true if it took the port.  May stop the VM (S5). */
+bool vmig__acpi_pm_io(struct vmig_vm *vm, uint16_t port, bool is_write, uint8_t *data,
+		      unsigned int size);
+void vmig__acpi_pm_save(struct vmig__acpi_pm *pm, struct vmig__acpi_pm_state *out);
+void vmig__acpi_pm_load(struct vmig__acpi_pm *pm, const struct vmig__acpi_pm_state *in);
+
+/* A Linux guest's boot images, kept for its reboots and sent with its state. */
+struct vmig__boot {
+	uint8_t *kernel;             /* NULL: not a Linux guest */
+	size_t kernel_len;
+	uint8_t *initrd;             /* NULL: none */
+	size_t initrd_len;
+	char *cmdline;               /* never NULL when kernel is set */
+};
+
+void vmig__boot_free(struct vmig__boot *b);
+
 /*
  * The rest of the PC's ports: i8042 (a reset through 0xfe, for reboot=k)
  * and the reset control register 0xcf9.  Returns true if it took the port.
@@ -123,6 +163,8 @@ struct vmig_vm {
 	char *kernel;             /* --kernel image path, or NULL: built-in guest */
 	char *initrd;
 	char *cmdline;
+	struct vmig__boot boot;   /* a Linux guest's images (owner thread) */
+	struct vmig__acpi_pm acpi_pm;
 	bool reboot;              /* the guest asked for a reset (under lock) */
 
 	pthread_mutex_t lock;
@@ -164,8 +206,11 @@ bool vmig__linux_is_bzimage(const uint8_t *image, size_t size);
 int vmig__linux_load(struct vmig_vm *vm, const uint8_t *image, size_t size,
 		     const uint8_t *initrd, size_t initrd_size, const char *cmdline,
 		     struct vmig_err *err);
-/* Read cfg.kernel/initrd from disk and load them. */
-int vmig__linux_load_files(struct vmig_vm *vm, struct vmig_err *err);
+/*
+ * Boot vm->boot's images, first reading them from cfg.kernel/initrd into
+ * vm->boot if it has none yet.
+ */
+int vmig__linux_boot(struct vmig_vm *vm, struct vmig_err *err);
 /* Write an MP floating pointer and table for @nr_vcpus at @base (1 KiB). */
 size_t vmig__mptable_write(uint8_t *base, uint32_t gpa, unsigned int nr_vcpus);
 

@@ -109,6 +109,21 @@ int vmig_vm_exit_code(const struct vmig_vm *vm);
 bool vmig_vm_reboot_requested(const struct vmig_vm *vm);
 
 /*
+ * Whether the VM can boot again after its guest reset it: a Linux guest,
+ * whose kernel, initrd and command line the VM keeps in memory from its
+ * boot, or received with its state (section linux.boot) when it arrived by
+ * migration or restore.
+ */
+bool vmig_vm_can_reboot(const struct vmig_vm *vm);
+
+/*
+ * The guest's reboot: destroy *@vm (stopped) and build, in its place, a
+ * fresh VM with the same configuration that boots the same images; not
+ * started.  Owner thread.  0, or -errno with @err and *@vm NULL.
+ */
+int vmig_vm_recreate(struct vmig_vm **vm, struct vmig_err *err);
+
+/*
  * The serial console's input side: bytes typed at the console go to the
  * guest's UART.  Returns how many bytes were taken (the UART's buffer may
  * be full: retry the rest later).  Any thread.
@@ -155,7 +170,8 @@ typedef int vmig_vm_state_emit_fn(void *arg, const char *name, uint16_t version,
 
 /*
  * Save every vCPU's and the VM's state (CPU registers, FPU/XSAVE, MSRs,
- * LAPIC, events, irqchip, PIT, clock, serial) of a paused VM.  Owner
+ * LAPIC, events, irqchip, PIT, clock, serial, CMOS, ACPI PM, and a Linux
+ * guest's boot images for its reboots) of a paused VM.  Owner
  * thread.  0, -EBUSY if the VM runs, or the emitter's or KVM's -errno.
  */
 int vmig_vm_state_save(struct vmig_vm *vm, vmig_vm_state_emit_fn *emit, void *arg,

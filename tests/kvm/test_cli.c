@@ -271,12 +271,56 @@ static void start_pair(const char *name, const char *workload, const char *uri)
 	ck_assert_msg(r.status == 0, "incoming: exit %d: %s", r.status, r.err);
 }
 
+/*
+ * `vmig console NAME` on host B, stdin at end of file: it shows the guest's
+ * output until the VM goes away.  Returns its pid; its output goes to
+ * RUN_DIR/console.out.
+ */
+static pid_t console_b(const char *name)
+{
+	char out[512];
+	pid_t pid;
+
+	snprintf(out, sizeof(out), "%s/console.out", run_dir);
+	pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		int fd = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+		int null_fd = open("/dev/null", O_RDONLY);
+
+		dup2(null_fd, 0);
+		dup2(fd, 1);
+		dup2(fd, 2);
+		setenv("VMIG_RUN_DIR", run_dir_b, 1);
+		execl(vmig_bin, vmig_bin, "console", name, (char *)NULL);
+		_exit(127);
+	}
+	return pid;
+}
+
+/* What `vmig console` printed so far. */
+static void console_b_output(char *buf, size_t len)
+{
+	char path[512];
+	FILE *f;
+
+	snprintf(path, sizeof(path), "%s/console.out", run_dir);
+	buf[0] = 0;
+	f = fopen(path, "r");
+	if (f) {
+		read_all(fileno(f), buf, len);
+		fclose(f);
+	}
+}
+
 static void migrate_over(const char *uri_fmt)
 {
 	struct json_object *res, *o;
-	char uri[512];
-	uint64_t before, after;
+	char uri[512], out[65536];
+	uint64_t before, after, end;
 	struct result r;
+	pid_t console;
+	int st;
 
 	snprintf(uri, sizeof(uri), uri_fmt, run_dir);
 	start_pair("mv", "rate=max,wss=2M", uri);
@@ -311,9 +355,22 @@ static void migrate_over(const char *uri_fmt)
 	o = status_json_b("mv");
 	ck_assert_uint_gt(jget(o, "pages_written"), after);
 	json_object_put(o);
+	/* Its console is served on host B too; the guest prints every ~2 s. */
+	console = console_b("mv");
+	for (end = kvm_test_now_ms() + 15000; kvm_test_now_ms() < end; kvm_test_sleep_ms(100)) {
+		console_b_output(out, sizeof(out));
+		if (strstr(out, "vmig-guest"))
+			break;
+	}
+	ck_assert_msg(strstr(out, "vmig-guest"), "vmig console on host B showed: '%s'", out);
 	RUN_B(&r, "stop", "mv");
 	ck_assert_int_eq(r.status, 0);
 	ck_assert(!exists_b("mv", "sock") && !exists_b("mv", "pid"));
+	/* The VM went away: the console client ends on its own. */
+	for (end = kvm_test_now_ms() + 10000; waitpid(console, &st, WNOHANG) == 0;
+	     kvm_test_sleep_ms(50))
+		ck_assert_msg(kvm_test_now_ms() < end, "vmig console still runs after the VM stopped");
+	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "vmig console: status 0x%x", st);
 }
 
 START_TEST(migrate_tcp)

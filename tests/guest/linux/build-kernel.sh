@@ -68,7 +68,8 @@ srcver=$(dpkg-query -W -f='${Version}' linux-source-6.1)
 bbver=$(dpkg-query -W -f='${Version}' busybox-static)
 
 cache=${VMIG_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmig}
-key=$( (echo "$srcver $bbver"; cat "$here/config" "$here/init.c" "$here/pvm-syscall.patch" "$0") |
+key=$( (echo "$srcver $bbver"; cat "$here/config" "$here/init.c" "$here/pvm-syscall.patch" \
+	"$here/acpi-nopci.patch" "$0") |
 	sha256sum | cut -c1-16)
 out="$cache/linux-$key"
 if [ -f "$out/done" ]; then
@@ -112,6 +113,11 @@ fi
 if ! grep -q "vmig test kernel" "$src/arch/x86/mm/fault.c"; then
 	patch -s -p1 -N -d "$src" <"$here/pvm-syscall.patch" ||
 		die "cannot apply $here/pvm-syscall.patch to $src"
+fi
+# ACPI without PCI loads no DSDT in 6.1 (so no power-off): acpi-nopci.patch.
+if ! grep -q "vmig test kernel" "$src/drivers/acpi/acpica/evhandler.c"; then
+	patch -s -p1 -N -d "$src" <"$here/acpi-nopci.patch" ||
+		die "cannot apply $here/acpi-nopci.patch to $src"
 fi
 
 # The object tree is kept across configurations: a changed fragment

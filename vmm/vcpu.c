@@ -37,7 +37,7 @@
 #include "vmig/guest-abi.h"
 #include "vmm-internal.h"
 
-#define SIGVMIG_KICK SIGUSR1
+#define SIGVMIG_KICK VMIG__SIGKICK
 
 static void kick_handler(int sig)
 {
@@ -184,7 +184,7 @@ void vmig__vcpu_destroy(struct vmig__vcpu *vcpu)
 
 void vmig__vcpu_kick(struct vmig__vcpu *vcpu)
 {
-	/* Caller holds vm->lock and has set pause_req or stopping. */
+	/* Caller holds vm->lock and has set pause_req, stopping or the throttle. */
 	if (vcpu->run)
 		vcpu->run->immediate_exit = 1;
 	if (vcpu->thread_started && !vcpu->exited)
@@ -459,6 +459,7 @@ static void *vcpu_thread(void *arg)
 		if (ioctl(vcpu->fd, KVM_RUN, 0) < 0) {
 			if (errno == EINTR || errno == EAGAIN) {
 				vcpu->run->exit_reason = KVM_EXIT_INTR;
+				vmig__vcpu_throttle_point(vcpu);
 				continue;
 			}
 			vmig__vm_stop_self(vm, -1, "vCPU %u: KVM_RUN failed: %s", vcpu->id,
@@ -469,6 +470,7 @@ static void *vcpu_thread(void *arg)
 			break;
 	}
 
+	vmig__vcpu_throttle_fini(vcpu);
 	pthread_mutex_lock(&vm->lock);
 	vcpu->exited = true;
 	pthread_cond_broadcast(&vm->cond);

@@ -384,6 +384,7 @@ int vmig_vm_pause(struct vmig_vm *vm)
 		vm->vcpus[i].pause_req = true;
 		vmig__vcpu_kick(&vm->vcpus[i]);
 	}
+	pthread_cond_broadcast(&vm->cond);    /* a throttled vCPU sleeps on it */
 	while (!all_paused_locked(vm))
 		pthread_cond_wait(&vm->cond, &vm->lock);
 	if (atomic_load(&vm->stopping))

@@ -3,9 +3,11 @@
 #define VMIG_VMM_INTERNAL_H
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 #include <linux/kvm.h>
 
 #include "vmig/vm.h"
@@ -133,6 +135,10 @@ struct vmig__vcpu {
 	pthread_t thread;
 	bool thread_started;
 	uint64_t unemulated;          /* INT3/FWAIT finished by vcpu.c */
+	/* Throttling (throttle.c); the vCPU thread only. */
+	timer_t throttle_timer;
+	bool throttle_armed;
+	uint64_t throttle_next_ns;
 	/* Protected by vm->lock. */
 	bool pause_req;
 	bool paused;
@@ -171,6 +177,7 @@ struct vmig_vm {
 	pthread_cond_t cond;      /* vCPU paused/exited, or request changed */
 	enum vmig_vm_state state;
 	atomic_bool stopping;
+	atomic_uint throttle_pct;     /* throttle.c; any thread */
 	char stop_reason[256];
 	int exit_code;
 	uint64_t start_ns;
@@ -191,6 +198,12 @@ int vmig__vcpu_create(struct vmig_vm *vm, unsigned int id, struct vmig_err *err)
 void vmig__vcpu_destroy(struct vmig__vcpu *vcpu);
 int vmig__vcpu_thread_start(struct vmig__vcpu *vcpu);
 void vmig__vcpu_kick(struct vmig__vcpu *vcpu);
+
+/* The signal that makes a vCPU thread leave KVM_RUN (vcpu.c). */
+#define VMIG__SIGKICK SIGUSR1
+/* throttle.c: the vCPU thread calls these after KVM_RUN / before exiting. */
+void vmig__vcpu_throttle_point(struct vmig__vcpu *vcpu);
+void vmig__vcpu_throttle_fini(struct vmig__vcpu *vcpu);
 int vmig__vcpu_setup_signals(void);
 /* Stop the VM from a vCPU thread, with a reason (first reason wins). */
 void vmig__vm_stop_self(struct vmig_vm *vm, int exit_code, const char *fmt, ...)

@@ -89,6 +89,16 @@ int vmig_vm_resume(struct vmig_vm *vm);
 /* Stop for good: vCPU threads exit.  Idempotent. */
 void vmig_vm_stop(struct vmig_vm *vm);
 
+/*
+ * Throttle the vCPUs to (100 - @pct) % of their time, 0 to
+ * VMIG_VM_MAX_THROTTLE; 0 ends throttling.  For a migration that does not
+ * converge.  Any thread; takes effect within a 10 ms slice.  -EINVAL for a
+ * value out of range.
+ */
+#define VMIG_VM_MAX_THROTTLE 99u
+int vmig_vm_set_throttle(struct vmig_vm *vm, unsigned int pct);
+unsigned int vmig_vm_throttle(const struct vmig_vm *vm);
+
 enum vmig_vm_state vmig_vm_state(const struct vmig_vm *vm);
 const char *vmig_vm_state_name(enum vmig_vm_state state);
 

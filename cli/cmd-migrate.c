@@ -58,17 +58,19 @@ static void fmt_rate(uint64_t bps, char *buf, size_t len)
 
 static void print_progress(struct json_object *ev, bool tty)
 {
-	char sent[32], rem[32], bw[40], eta[32];
+	char sent[32], rem[32], bw[40], eta[32], thr[32] = "";
 
 	vmig_size_format(ju64(ev, "transferred_bytes"), sent, sizeof(sent));
 	vmig_size_format(ju64(ev, "remaining_bytes"), rem, sizeof(rem));
 	fmt_rate(ju64(ev, "bandwidth_bps"), bw, sizeof(bw));
 	vmig_duration_format(ju64(ev, "eta_ms"), eta, sizeof(eta));
+	if (ju64(ev, "throttle_pct"))
+		snprintf(thr, sizeof(thr), "  throttled %" PRIu64 " %%", ju64(ev, "throttle_pct"));
 	fprintf(stderr, "%siter %" PRIu64 "  sent %s  remaining %s  dirty %" PRIu64
-		" pages/s  %s  expected downtime %" PRIu64 " ms  eta %s%s",
+		" pages/s  %s  expected downtime %" PRIu64 " ms  eta %s%s%s",
 		tty ? "\r\033[K" : "", ju64(ev, "iteration"), sent, rem,
 		ju64(ev, "dirty_rate_pps"), bw, ju64(ev, "expected_downtime_ms"),
-		ju64(ev, "eta_ms") ? eta : "-", tty ? "" : "\n");
+		ju64(ev, "eta_ms") ? eta : "-", thr, tty ? "" : "\n");
 }
 
 static void print_summary(struct json_object *ev, const char *what)
@@ -84,6 +86,8 @@ static void print_summary(struct json_object *ev, const char *what)
 	if (json_object_object_get_ex(ev, "pages", &pages))
 		printf("; pages: %" PRIu64 " zero, %" PRIu64 " raw, %" PRIu64 " lz4",
 		       ju64(pages, "zero"), ju64(pages, "raw"), ju64(pages, "lz4"));
+	if (ju64(ev, "throttle_pct"))
+		printf("; guest throttled to %" PRIu64 " %% at the end", ju64(ev, "throttle_pct"));
 	printf("\n");
 }
 
@@ -222,6 +226,8 @@ enum {
 	OPT_DEST_NAME,
 	OPT_KNOWN_HOSTS,
 	OPT_ACCEPT_NEW,
+	OPT_MAX_THROTTLE,
+	OPT_NO_AUTO_CONVERGE,
 };
 
 /* @path made absolute (the VMM has its own working directory). */
@@ -287,6 +293,10 @@ int cmd_migrate(int argc, char **argv)
 		{ "timeout",      required_argument, NULL, 't' },
 		{ "on-timeout",   required_argument, NULL, 'o' },
 		{ "no-compress",  no_argument,       NULL, 'n' },
+		{ "compress",     required_argument, NULL, 'c' },
+		{ "bandwidth",    required_argument, NULL, 'b' },
+		{ "max-throttle", required_argument, NULL, OPT_MAX_THROTTLE },
+		{ "no-auto-converge", no_argument,   NULL, OPT_NO_AUTO_CONVERGE },
 		{ "resume",       no_argument,       NULL, 'r' },
 		{ "json",         no_argument,       NULL, 'j' },
 		{ "remote-vmig",  required_argument, NULL, OPT_REMOTE_VMIG },
@@ -297,17 +307,18 @@ int cmd_migrate(int argc, char **argv)
 		{ "help",         no_argument,       NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	uint32_t downtime = 300, timeout = 0;
-	const char *on_timeout = "cancel";
+	uint32_t downtime = 300, timeout = 0, max_throttle = 99;
+	uint64_t bandwidth = 0;
+	const char *on_timeout = "cancel", *compress = "auto";
 	const char *remote_vmig = NULL, *dest_name = NULL, *known_hosts = NULL, *identity = NULL;
 	const char *ssh_opt = NULL;
-	bool json = false, compress = true, resume = false, accept_new = false;
+	bool json = false, resume = false, accept_new = false;
 	struct json_object *req, *ssh = NULL;
 	int c, ret;
 
 	optind = 1;
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, ":D:t:o:nrji:h", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":D:t:o:nc:b:rji:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'D':
 			ret = parse_u32("migrate", "--max-downtime", optarg, &downtime);
@@ -328,7 +339,28 @@ int cmd_migrate(int argc, char **argv)
 			on_timeout = optarg;
 			break;
 		case 'n':
-			compress = false;
+			compress = "none";
+			break;
+		case 'c':
+			if (strcmp(optarg, "auto") && strcmp(optarg, "lz4") && strcmp(optarg, "none"))
+				return cli_usage_error("migrate", "bad --compress '%s': use auto, "
+						       "lz4 or none", optarg);
+			compress = optarg;
+			break;
+		case 'b':
+			if (vmig_size_parse(optarg, &bandwidth) < 0 || !bandwidth)
+				return cli_usage_error("migrate", "bad --bandwidth '%s': bytes per "
+						       "second, e.g. 500M or 1G", optarg);
+			break;
+		case OPT_MAX_THROTTLE:
+			ret = parse_u32("migrate", "--max-throttle", optarg, &max_throttle);
+			if (ret)
+				return ret;
+			if (max_throttle > 99)
+				return cli_usage_error("migrate", "--max-throttle must be 0 to 99 %%");
+			break;
+		case OPT_NO_AUTO_CONVERGE:
+			max_throttle = 0;
 			break;
 		case 'r':
 			resume = true;
@@ -363,7 +395,8 @@ int cmd_migrate(int argc, char **argv)
 		case 'h':
 			printf("Usage: vmig migrate NAME URI [--max-downtime MS] [--timeout S "
 			       "--on-timeout cancel|force]\n"
-			       "                    [--no-compress] [--resume] [--json]\n"
+			       "                    [--compress auto|lz4|none] [--bandwidth RATE]\n"
+			       "                    [--max-throttle PCT | --no-auto-converge] [--resume] [--json]\n"
 			       "                    [--remote-vmig CMD] [--dest-name NAME] "
 			       "[--known-hosts FILE]\n"
 			       "                    [--accept-new-host-key] [--identity FILE]\n\n"
@@ -374,7 +407,13 @@ int cmd_migrate(int argc, char **argv)
 			       "  -D, --max-downtime MS  pause the guest at most about this long (default 300)\n"
 			       "  -t, --timeout S        act if not converged after S seconds (default: never)\n"
 			       "  -o, --on-timeout WHAT  cancel (default) or force the switchover\n"
-			       "  -n, --no-compress      send pages raw instead of lz4\n"
+			       "  -c, --compress MODE    auto (default: lz4 while it pays), lz4 or none\n"
+			       "  -n, --no-compress      the same as --compress none\n"
+			       "  -b, --bandwidth RATE   cap pre-copy at RATE bytes/s (500M, 1G; default none)\n"
+			       "      --max-throttle PCT auto-converge: slow the guest's vCPUs down by up\n"
+			       "                         to PCT %% when it dirties faster than the link\n"
+			       "                         carries (default 99)\n"
+			       "      --no-auto-converge never slow the guest down (--max-throttle 0)\n"
 			       "  -r, --resume           a paused VM runs on arrival\n"
 			       "  -j, --json             print one JSON object with the result\n\n"
 			       "ssh:// only:\n"
@@ -415,7 +454,10 @@ int cmd_migrate(int argc, char **argv)
 	json_object_object_add(req, "max_downtime_ms", json_object_new_int64(downtime));
 	json_object_object_add(req, "timeout_s", json_object_new_int64(timeout));
 	json_object_object_add(req, "on_timeout", json_object_new_string(on_timeout));
-	json_object_object_add(req, "compress", json_object_new_boolean(compress));
+	json_object_object_add(req, "compress", json_object_new_string(compress));
+	if (bandwidth)
+		json_object_object_add(req, "bandwidth_bps", json_object_new_int64((int64_t)bandwidth));
+	json_object_object_add(req, "max_throttle", json_object_new_int64(max_throttle));
 	json_object_object_add(req, "resume", json_object_new_boolean(resume));
 	return follow(argv[optind], req, json, "migration", true);
 }

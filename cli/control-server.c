@@ -121,7 +121,8 @@ static const char *jstr_or_null(struct json_object *o, const char *key)
 		json_object_get_string(v) : NULL;
 }
 
-/* "migrate" {uri, max_downtime_ms, timeout_s, on_timeout, compress, resume,
+/* "migrate" {uri, max_downtime_ms, timeout_s, on_timeout, compress (true,
+ * false, "lz4", "none", "auto"), bandwidth_bps, max_throttle, resume,
  * ssh: {remote_vmig, dest_name, known_hosts, accept_new_host_key, identity,
  * agent_socket}} or "save" {path, keep_running}: the client then receives
  * the progress. */
@@ -131,7 +132,10 @@ static struct json_object *start_migration(struct server *s, struct client *c,
 	struct vmig_migrate_params p = {
 		.max_downtime_ms = 300,
 		.on_timeout = VMIG_ON_TIMEOUT_CANCEL,
-		.compress = true,
+		.compress = VMIG_COMPRESS_AUTO,
+		.throttle_initial = 20,
+		.throttle_step = 10,
+		.throttle_max = VMIG_VM_MAX_THROTTLE,
 	};
 	struct vmig_err err = { 0 };
 	struct vmig_ssh_options ssh = { 0 };
@@ -168,7 +172,26 @@ static struct json_object *start_migration(struct server *s, struct client *c,
 				return vmig_ctl_reply_error(EINVAL, "on_timeout must be "
 							    "\"cancel\" or \"force\"");
 		}
-		p.compress = jbool(req, "compress", true);
+		if (json_object_object_get_ex(req, "compress", &v)) {
+			const char *cm = json_object_is_type(v, json_type_string) ?
+					 json_object_get_string(v) : NULL;
+
+			if (json_object_is_type(v, json_type_boolean))
+				p.compress = json_object_get_boolean(v) ? VMIG_COMPRESS_LZ4
+									: VMIG_COMPRESS_NONE;
+			else if (cm && !strcmp(cm, "lz4"))
+				p.compress = VMIG_COMPRESS_LZ4;
+			else if (cm && !strcmp(cm, "none"))
+				p.compress = VMIG_COMPRESS_NONE;
+			else if (!cm || strcmp(cm, "auto"))
+				return vmig_ctl_reply_error(EINVAL, "compress must be \"lz4\", "
+							    "\"none\" or \"auto\"");
+		}
+		p.bandwidth_bps = jnum(req, "bandwidth_bps", 0);
+		if (jnum(req, "max_throttle", VMIG_VM_MAX_THROTTLE) > VMIG_VM_MAX_THROTTLE)
+			return vmig_ctl_reply_error(EINVAL, "max_throttle must be 0 to %u",
+						    VMIG_VM_MAX_THROTTLE);
+		p.throttle_max = (unsigned int)jnum(req, "max_throttle", VMIG_VM_MAX_THROTTLE);
 		p.resume_dst = jbool(req, "resume", false);
 		if (json_object_object_get_ex(req, "ssh", &v) &&
 		    json_object_is_type(v, json_type_object)) {
@@ -216,6 +239,19 @@ static struct json_object *handle_request(struct server *s, struct client *clien
 		if (!s->mig)
 			return vmig_ctl_reply_error(ENOENT, "no migration is in progress");
 		vmig_migrate_src_cancel(s->mig);
+		return vmig_ctl_reply_ok();
+	}
+	/* "set-bandwidth" {bandwidth_bps}: the running migration's cap, 0 = none. */
+	if (!strcmp(cmd, "set-bandwidth")) {
+		struct json_object *b;
+
+		if (!s->mig)
+			return vmig_ctl_reply_error(ENOENT, "no migration is in progress");
+		if (!json_object_object_get_ex(req, "bandwidth_bps", &b) ||
+		    !json_object_is_type(b, json_type_int) || json_object_get_int64(b) < 0)
+			return vmig_ctl_reply_error(EINVAL, "set-bandwidth needs "
+						    "\"bandwidth_bps\" (bytes/s, 0 = none)");
+		vmig_migrate_src_set_bandwidth(s->mig, (uint64_t)json_object_get_int64(b));
 		return vmig_ctl_reply_ok();
 	}
 	if ((!strcmp(cmd, "pause") || !strcmp(cmd, "resume")) && s->mig)

@@ -34,6 +34,29 @@
 
 #define DST_IO_TIMEOUT_MS 60000
 #define MAX_SECTIONS      (64u * VMIG_VM_MAX_VCPUS + 64u)
+#define POPULATE_CHUNK    (2u << 20)
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23        /* Linux 5.14 */
+#endif
+
+/*
+ * Fault guest RAM in ahead of the pages (EXTENTS).  First touch of fresh
+ * memory is the destination's slowest step (zeroing, and on a VM host the
+ * host's own fault); done here it overlaps with receiving instead of
+ * stalling each page copy.  MADV_POPULATE_WRITE maps pages writable
+ * without writing them, so it never races with the receiver's copies.
+ * One thread: on the machines measured, faults do not scale with threads.
+ */
+struct populate {
+	pthread_t thread;
+	bool started;
+	atomic_bool stop;
+	struct { uint8_t *hva; uint64_t len; } *ranges;
+	size_t nr;
+	uint64_t bytes, ns;
+	int error;                        /* errno of a failed madvise, or 0 */
+};
 
 struct section {
 	char name[VMIG_STREAM_STATE_NAME_MAX + 1];
@@ -52,7 +75,101 @@ struct dst {
 	struct section *sec;
 	size_t nr_sec;
 	struct vmig_err *err;
+	struct populate pop;
 };
+
+static void *populate_thread(void *arg)
+{
+	struct populate *pp = arg;
+	uint64_t t0 = vmig__now_ns();
+
+	for (size_t i = 0; i < pp->nr; i++) {
+		for (uint64_t off = 0; off < pp->ranges[i].len; off += POPULATE_CHUNK) {
+			uint64_t len = pp->ranges[i].len - off;
+
+			if (atomic_load_explicit(&pp->stop, memory_order_relaxed))
+				goto out;
+			if (len > POPULATE_CHUNK)
+				len = POPULATE_CHUNK;
+			if (madvise(pp->ranges[i].hva + off, len, MADV_POPULATE_WRITE) < 0) {
+				/* EINVAL: an older kernel; ENOMEM: the host is short.
+				 * Either way the receiver faults pages in itself. */
+				pp->error = errno;
+				goto out;
+			}
+			pp->bytes += len;
+		}
+	}
+out:
+	pp->ns = vmig__now_ns() - t0;
+	return NULL;
+}
+
+/* Join the populate thread, if any; log what it did. */
+static void populate_stop(struct dst *d)
+{
+	struct populate *pp = &d->pop;
+
+	if (pp->started) {
+		atomic_store(&pp->stop, true);
+		pthread_join(pp->thread, NULL);
+		pp->started = false;
+		vmig_log(VMIG_LOG_INFO, "faulted in %" PRIu64 " MiB of guest RAM ahead of the "
+			 "pages in %" PRIu64 " ms%s%s", pp->bytes >> 20, pp->ns / 1000000,
+			 pp->error ? ": stopped early: " : "",
+			 pp->error ? strerror(pp->error) : "");
+	}
+	free(pp->ranges);
+	pp->ranges = NULL;
+	pp->nr = 0;
+}
+
+/* EXTENTS: start faulting those ranges in.  A hint: failures are ignored. */
+static int populate_start(struct dst *d, const struct vmig_record *rec)
+{
+	const struct vmig_mem_region *r;
+	unsigned int nr = vmig_vm_regions(d->vm, &r);
+	struct vmig_stream_extent *e;
+	struct populate *pp = &d->pop;
+	uint32_t n, i;
+	int ret;
+
+	if (pp->started || pp->ranges)
+		return 0;                          /* only the first one counts */
+	e = malloc(VMIG_STREAM_MAX_EXTENTS * sizeof(*e));
+	if (!e)
+		return 0;
+	ret = vmig_stream_parse_extents(rec, e, VMIG_STREAM_MAX_EXTENTS, &n, d->err);
+	if (ret) {
+		free(e);
+		return ret;                        /* a corrupt stream: refuse it */
+	}
+	pp->ranges = calloc((size_t)n * nr, sizeof(*pp->ranges));
+	if (!pp->ranges) {
+		free(e);
+		return 0;
+	}
+	/* Clip each extent to the RAM regions; what lies outside is ignored
+	 * (pages there would be refused when they arrive). */
+	for (i = 0; i < n; i++) {
+		for (unsigned int k = 0; k < nr; k++) {
+			uint64_t lo = e[i].gpa > r[k].gpa ? e[i].gpa : r[k].gpa;
+			uint64_t hi = e[i].gpa + e[i].len < r[k].gpa + r[k].size ?
+				      e[i].gpa + e[i].len : r[k].gpa + r[k].size;
+
+			if (lo >= hi)
+				continue;
+			pp->ranges[pp->nr].hva = r[k].hva + (lo - r[k].gpa);
+			pp->ranges[pp->nr].len = hi - lo;
+			pp->nr++;
+		}
+	}
+	free(e);
+	atomic_init(&pp->stop, false);
+	if (pp->nr && pthread_create(&pp->thread, NULL, populate_thread, pp) == 0)
+		pp->started = true;
+	return 0;
+}
 
 static void free_sections(struct dst *d)
 {
@@ -208,6 +325,9 @@ static int receive(struct dst *d, const struct vmig_dst_params *p)
 			if (p->progress)
 				p->progress(p->progress_arg, iter, rs.bytes);
 			break;
+		case VMIG_REC_EXTENTS:
+			ret = populate_start(d, &rec);
+			break;
 		case VMIG_REC_STATE:
 			ret = vmig_stream_parse_state(&rec, &st, d->err);
 			if (!ret)
@@ -215,6 +335,7 @@ static int receive(struct dst *d, const struct vmig_dst_params *p)
 			break;
 		case VMIG_REC_SWITCHOVER:
 			vmig_log(VMIG_LOG_DEBUG, "SWITCHOVER received at %" PRIu64 " us", vmig__now_ns() / 1000);
+			populate_stop(d);     /* every page is here */
 			return 0;
 		case VMIG_REC_ERROR:
 			ret = vmig_stream_parse_error(&rec, &e, msg, sizeof(msg), d->err);
@@ -283,6 +404,7 @@ int vmig_migrate_dst_run(struct vmig_transport *t, const struct vmig_dst_params 
 		ret = open_replies(&d);
 	if (!ret)
 		ret = receive(&d, p);
+	populate_stop(&d);
 	if (!ret)
 		ret = load_state(&d);
 	vmig_log(VMIG_LOG_DEBUG, "state loaded (%d) at %" PRIu64 " us", ret, vmig__now_ns() / 1000);
@@ -362,6 +484,7 @@ fail:
 					err->msg[0] ? err->msg : strerror(-ret));
 		vmig_stream_flush(d.w);
 	}
+	populate_stop(&d);
 	free_sections(&d);
 	vmig_stream_reader_destroy(d.r);
 	vmig_stream_writer_destroy(d.w);

@@ -96,6 +96,14 @@ struct vmig_migration {
 		uint8_t *hva;
 	} regions[VMIG_VM_MAX_REGIONS];
 	unsigned int nr_regions;
+	struct vmig_stream_extent *extents;  /* what pass 1 sends, for EXTENTS */
+	uint32_t nr_extents;
+	/* --bandwidth: any thread sets bw_limit; the rest is the thread's. */
+	_Atomic uint64_t bw_limit;
+	uint64_t bw_seen, bw_t0, bw_b0;   /* the limit paced against, since when */
+	/* Auto-converge. */
+	unsigned int throttle;            /* % we set on the VM */
+	unsigned int hot_iters;           /* passes in a row dirtying too fast */
 };
 
 const char *vmig_migrate_status_name(enum vmig_migrate_status s)
@@ -136,6 +144,8 @@ struct json_object *vmig_migrate_stats_json(const struct vmig_migrate_stats *s)
 	U64("expected_downtime_ms", s->expected_downtime_ms);
 	U64("eta_ms", s->eta_ms);
 	U64("state_bytes", s->state_bytes);
+	U64("throttle_pct", s->throttle_pct);
+	U64("bandwidth_limit_bps", s->bandwidth_limit_bps);
 #undef U64
 	pages = json_object_new_object();
 	json_object_object_add(pages, "zero", json_object_new_uint64(s->pages_zero));
@@ -310,13 +320,59 @@ static int writer_error(struct vmig_migration *m, int ret)
 	return ret;
 }
 
+/* Restart the --bandwidth pacing window (each pass, and on a new limit). */
+static void pace_reset(struct vmig_migration *m)
+{
+	struct vmig_stream_stats ws;
+
+	vmig_stream_writer_stats(m->w, &ws);
+	m->bw_t0 = vmig__now_ns();
+	m->bw_b0 = ws.bytes + ws.pending;
+	m->bw_seen = atomic_load(&m->bw_limit);
+}
+
+/*
+ * --bandwidth: sleep until the bytes produced since the window began are
+ * due at the limit.  The final pass (VM paused) is never held back: there
+ * the guest is down and the fastest copy is the shortest downtime.
+ */
+static int pace(struct vmig_migration *m)
+{
+	struct vmig_stream_stats ws;
+	uint64_t limit = atomic_load(&m->bw_limit), now, due, bytes;
+
+	if (!limit || m->paused_here)
+		return 0;
+	if (limit != m->bw_seen) {
+		pace_reset(m);
+		pthread_mutex_lock(&m->lock);
+		m->stats.bandwidth_limit_bps = limit;
+		pthread_mutex_unlock(&m->lock);
+		return 0;
+	}
+	vmig_stream_writer_stats(m->w, &ws);
+	bytes = ws.bytes + ws.pending - m->bw_b0;
+	due = m->bw_t0 + (uint64_t)((double)bytes * 1e9 / (double)limit);
+	while ((now = vmig__now_ns()) < due) {
+		uint64_t ns = due - now > 50000000ull ? 50000000ull : due - now;
+		struct timespec ts = { 0, (long)ns };
+
+		nanosleep(&ts, NULL);
+		if (cancelled(m))
+			return -ECANCELED;
+		if (atomic_load(&m->bw_limit) != limit)
+			return 0;               /* changed: the next call restarts */
+	}
+	return 0;
+}
+
 /*
  * Send every page set in m->dirty, clearing the bits.  bitmap-clear:
  * re-arm each 64-page word's tracking before reading its pages.
  */
 static int send_dirty(struct vmig_migration *m, uint64_t *sent)
 {
-	enum vmig_compress mode = m->p.compress ? VMIG_COMPRESS_LZ4 : VMIG_COMPRESS_NONE;
+	enum vmig_compress mode = m->p.compress;
 	unsigned int ri;
 	uint64_t n = 0, batches = 0;
 	int ret;
@@ -352,6 +408,8 @@ static int send_dirty(struct vmig_migration *m, uint64_t *sent)
 				if (cancelled(m))
 					return -ECANCELED;
 				ret = check_peer(m);
+				if (!ret)
+					ret = pace(m);
 				if (ret)
 					return ret;
 				if (vmig__now_ns() - m->last_progress_ns > PROGRESS_NS) {
@@ -381,6 +439,32 @@ static int emit_state(void *arg, const char *name, uint16_t version, uint32_t in
 	return 0;
 }
 
+/*
+ * Remember [gpa, gpa + len) for the EXTENTS hint.  Past the record's limit
+ * the last range grows to cover the new one: a coarser hint, never a
+ * missing one.
+ */
+static void note_extent(struct vmig_migration *m, uint64_t gpa, uint64_t len)
+{
+	struct vmig_stream_extent *e = m->extents;
+
+	if (!e) {
+		e = calloc(VMIG_STREAM_MAX_EXTENTS, sizeof(*e));
+		if (!e)
+			return;                     /* no hint: nothing breaks */
+		m->extents = e;
+	}
+	if (m->nr_extents && e[m->nr_extents - 1].gpa + e[m->nr_extents - 1].len == gpa) {
+		e[m->nr_extents - 1].len += len;
+	} else if (m->nr_extents == VMIG_STREAM_MAX_EXTENTS) {
+		e[m->nr_extents - 1].len = gpa + len - e[m->nr_extents - 1].gpa;
+	} else {
+		e[m->nr_extents].gpa = gpa;
+		e[m->nr_extents].len = len;
+		m->nr_extents++;
+	}
+}
+
 static void mark_data_extents(struct vmig_migration *m)
 {
 	int fd = vmig_vm_mem_fd(m->vm);
@@ -399,6 +483,8 @@ static void mark_data_extents(struct vmig_migration *m)
 				vmig_bitmap_set_range(&m->dirty, m->regions[i].first_page +
 						      (pos - r[i].offset) / PAGE_SIZE,
 						      (end - pos) / PAGE_SIZE);
+				note_extent(m, r[i].gpa + (uint64_t)(pos - r[i].offset),
+					    (uint64_t)(end - pos));
 				break;
 			}
 			if (data >= end)
@@ -407,9 +493,14 @@ static void mark_data_extents(struct vmig_migration *m)
 			if (hole < 0 || hole > end)
 				hole = end;
 			data &= ~(off_t)(PAGE_SIZE - 1);
+			hole = (hole + PAGE_SIZE - 1) & ~(off_t)(PAGE_SIZE - 1);
+			if (hole > end)
+				hole = end;
 			vmig_bitmap_set_range(&m->dirty, m->regions[i].first_page +
 					      (data - r[i].offset) / PAGE_SIZE,
-					      (hole - data + PAGE_SIZE - 1) / PAGE_SIZE);
+					      (hole - data) / PAGE_SIZE);
+			note_extent(m, r[i].gpa + (uint64_t)(data - r[i].offset),
+				    (uint64_t)(hole - data));
 			pos = hole;
 		}
 	}
@@ -536,6 +627,12 @@ static int setup(struct vmig_migration *m)
 	cfg = vmig__config_build(m->vm, m->was_running, m->p.resume_dst, !m->is_file);
 	ret = vmig_stream_write_config(m->w, cfg);
 	json_object_put(cfg);
+	/* Tell the destination early which RAM is coming, so it can fault
+	 * it in while the pages are on their way. */
+	if (!ret && m->nr_extents)
+		ret = vmig_stream_write_extents(m->w, m->extents, m->nr_extents);
+	free(m->extents);
+	m->extents = NULL;
 	if (!ret)
 		ret = vmig_stream_flush(m->w);
 	return ret ? writer_error(m, ret) : 0;
@@ -549,6 +646,47 @@ static int sync_dirty(struct vmig_migration *m, uint64_t *count)
 	if (!ret)
 		*count = vmig_bitmap_count(&m->dirty);
 	return ret;
+}
+
+/*
+ * Auto-converge, after pass @iter: when the guest dirtied more bytes than
+ * half of what the link carried in the same time, two passes in a row,
+ * slow its vCPUs down one step (as QEMU's cpu-throttle does).  The first
+ * pass sends the whole RAM and says nothing about the dirty rate.
+ */
+static void auto_converge(struct vmig_migration *m, uint64_t iter, uint64_t dirty,
+			  uint64_t bpp)
+{
+	uint64_t dirty_bps, link_bps;
+	unsigned int pct;
+
+	if (!m->p.throttle_max || iter < 2)
+		return;
+	pthread_mutex_lock(&m->lock);
+	dirty_bps = m->stats.dirty_rate_pps * bpp;
+	link_bps = m->stats.bandwidth_bps;
+	pthread_mutex_unlock(&m->lock);
+	if (!dirty || dirty_bps * 2 <= link_bps) {
+		m->hot_iters = 0;
+		return;
+	}
+	if (++m->hot_iters < 2 || m->throttle >= m->p.throttle_max)
+		return;
+	m->hot_iters = 0;
+	pct = m->throttle ? m->throttle + m->p.throttle_step : m->p.throttle_initial;
+	if (pct > m->p.throttle_max)
+		pct = m->p.throttle_max;
+	if (pct > VMIG_VM_MAX_THROTTLE)
+		pct = VMIG_VM_MAX_THROTTLE;
+	if (vmig_vm_set_throttle(m->vm, pct))
+		return;
+	m->throttle = pct;
+	vmig_log(VMIG_LOG_INFO, "auto-converge: the guest dirties %" PRIu64 " MiB/s, the "
+		 "link carries %" PRIu64 " MiB/s: vCPUs throttled to %u %%",
+		 dirty_bps >> 20, link_bps >> 20, pct);
+	pthread_mutex_lock(&m->lock);
+	m->stats.throttle_pct = pct;
+	pthread_mutex_unlock(&m->lock);
 }
 
 static int precopy(struct vmig_migration *m)
@@ -570,6 +708,7 @@ static int precopy(struct vmig_migration *m)
 		m->bytes_per_page = bpp;
 		pthread_mutex_unlock(&m->lock);
 
+		pace_reset(m);
 		ret = send_dirty(m, &sent);
 		if (!ret)
 			ret = vmig_stream_write_iter_end(m->w, iter, sent);
@@ -622,6 +761,7 @@ static int precopy(struct vmig_migration *m)
 		/* A paused VM (or a save) goes in one pass: nothing dirties it. */
 		if (!m->was_running || m->paused_here)
 			return 0;
+		auto_converge(m, iter, dirty, bpp);
 		if (m->stats.expected_downtime_ms <= m->p.max_downtime_ms) {
 			if (m->is_file)
 				return 0;
@@ -778,6 +918,12 @@ static void teardown(struct vmig_migration *m)
 {
 	struct vmig_err ignore = { 0 };
 
+	/* Whoever runs the VM next (here after a failure) runs it at full speed. */
+	if (m->throttle) {
+		vmig_vm_set_throttle(m->vm, 0);
+		m->throttle = 0;
+	}
+
 	if (m->dl) {
 		vmig_dirtylog_stop(m->dl, &ignore);
 		vmig_dirtylog_destroy(m->dl);
@@ -790,6 +936,8 @@ static void teardown(struct vmig_migration *m)
 	m->r = NULL;
 	m->t = NULL;
 	vmig_bitmap_fini(&m->dirty);
+	free(m->extents);
+	m->extents = NULL;
 }
 
 static void *migration_thread(void *arg)
@@ -885,6 +1033,8 @@ int vmig_migrate_src_start(struct vmig_vm *vm, const struct vmig_migrate_params 
 	m->start_ns = m->last_progress_ns = vmig__now_ns();
 	m->was_running = st == VMIG_VM_RUNNING;
 	m->stats.status = VMIG_MIGRATE_SETUP;
+	atomic_init(&m->bw_limit, p->bandwidth_bps);
+	m->stats.bandwidth_limit_bps = p->bandwidth_bps;
 	if (!m->uri || m->event_fd < 0) {
 		ret = m->uri ? -errno : -ENOMEM;
 		goto fail;
@@ -929,6 +1079,11 @@ void vmig_migrate_src_stats(struct vmig_migration *m, struct vmig_migrate_stats 
 	if (!vmig_migrate_status_final(out->status))
 		out->total_ms = (vmig__now_ns() - m->start_ns) / 1000000;
 	pthread_mutex_unlock(&m->lock);
+}
+
+void vmig_migrate_src_set_bandwidth(struct vmig_migration *m, uint64_t bps)
+{
+	atomic_store(&m->bw_limit, bps);
 }
 
 void vmig_migrate_src_cancel(struct vmig_migration *m)

@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/uio.h>
 
 #include <json-c/json.h>
@@ -111,6 +112,7 @@ const char *vmig_stream_rec_name(uint32_t type)
 	case VMIG_REC_COMMIT: return "COMMIT";
 	case VMIG_REC_END: return "END";
 	case VMIG_REC_ERROR: return "ERROR";
+	case VMIG_REC_EXTENTS: return "EXTENTS";
 	case VMIG_REC_READY: return "READY";
 	case VMIG_REC_RUNNING: return "RUNNING";
 	case VMIG_REC_NACK: return "NACK";
@@ -133,7 +135,7 @@ static const char *type_str(uint32_t type, char *buf, size_t len)
 
 static bool type_forward(uint32_t type)
 {
-	return type >= VMIG_REC_CONFIG && type <= VMIG_REC_ERROR;
+	return type >= VMIG_REC_CONFIG && type <= VMIG_REC_EXTENTS;
 }
 
 static bool type_reverse(uint32_t type)
@@ -160,6 +162,7 @@ static uint64_t type_max_len(uint32_t type)
 	case VMIG_REC_PAGES: return VMIG_STREAM_MAX_PAGES_BODY;
 	case VMIG_REC_ITER_END:
 	case VMIG_REC_ITER_DONE: return 16;
+	case VMIG_REC_EXTENTS: return 8 + 16ull * VMIG_STREAM_MAX_EXTENTS;
 	case VMIG_REC_ERROR:
 	case VMIG_REC_NACK: return 4 + VMIG_STREAM_MAX_MESSAGE;
 	case VMIG_REC_SWITCHOVER:
@@ -246,8 +249,63 @@ struct vmig_stream_writer {
 	void *lz4_state;
 	uint8_t *scratch;         /* PAGE_SIZE, compressor output */
 
+	/* VMIG_COMPRESS_AUTO's measurements (see auto_judge). */
+	bool auto_raw;            /* the open batch goes raw */
+	uint32_t auto_skip;       /* raw batches left before trying lz4 again */
+	uint64_t comp_ns, comp_in, comp_out;   /* the open batch's lz4 work */
+	uint64_t link_ns, link_bytes;          /* time blocked writing; decayed */
+
 	struct vmig_stream_stats stats;
 };
+
+#define AUTO_SKIP_BATCHES 16u
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Account @bytes written in @ns to the link rate (recent data counts most). */
+static void link_note(struct vmig_stream_writer *w, uint64_t bytes, uint64_t ns)
+{
+	w->link_bytes += bytes;
+	w->link_ns += ns;
+	if (w->link_bytes > (64u << 20)) {
+		w->link_bytes /= 2;
+		w->link_ns /= 2;
+	}
+}
+
+/*
+ * --compress auto, at the end of a batch.  Compressing pays when it saves
+ * bytes and the link would take longer to carry the bytes saved than the
+ * compressor took to save them: the one sender thread does both in turn.
+ */
+static void auto_judge(struct vmig_stream_writer *w)
+{
+	if (w->auto_raw) {
+		if (w->auto_skip && --w->auto_skip == 0)
+			w->auto_raw = false;        /* try lz4 on the next batch */
+		return;
+	}
+	if (w->comp_in) {
+		uint64_t saved = w->comp_in > w->comp_out ? w->comp_in - w->comp_out : 0;
+		bool pays = saved >= w->comp_in / 16;
+
+		/* Below 1 MiB of writes the link rate is not known yet. */
+		if (pays && w->link_bytes >= (1u << 20))
+			pays = (double)w->comp_ns <
+			       (double)saved * (double)w->link_ns / (double)w->link_bytes;
+		if (!pays) {
+			w->auto_raw = true;
+			w->auto_skip = AUTO_SKIP_BATCHES;
+		}
+	}
+	w->comp_ns = w->comp_in = w->comp_out = 0;
+}
 
 int vmig_stream_writer_create(struct vmig_transport *t, enum vmig_stream_dir dir,
 			      struct vmig_stream_writer **out)
@@ -307,11 +365,15 @@ static int out_flush(struct vmig_stream_writer *w)
 {
 	int ret;
 
+	uint64_t t0;
+
 	if (!w->out_len)
 		return 0;
+	t0 = mono_ns();
 	ret = vmig_transport_write_full(w->t, w->out, w->out_len);
 	if (ret < 0)
 		return writer_fail(w, ret);
+	link_note(w, w->out_len, mono_ns() - t0);
 	w->stats.bytes += w->out_len;
 	w->out_len = 0;
 	return 0;
@@ -334,6 +396,7 @@ static int emit(struct vmig_stream_writer *w, uint32_t type, uint32_t flags,
 	uint8_t hdr[VMIG_STREAM_REC_HEADER], tail[8 + VMIG_STREAM_REC_TRAILER];
 	struct iovec iov[8];
 	size_t len = 0, pad, total;
+	uint64_t t0;
 	uint32_t crc;
 	int i, k = 0, ret;
 
@@ -372,9 +435,11 @@ static int emit(struct vmig_stream_writer *w, uint32_t type, uint32_t flags,
 		for (i = 0; i < n; i++)
 			iov[k++] = body[i];
 		iov[k++] = (struct iovec){ tail, pad + VMIG_STREAM_REC_TRAILER };
+		t0 = mono_ns();
 		ret = vmig_transport_writev_full(w->t, iov, k);
 		if (ret < 0)
 			return writer_fail(w, ret);
+		link_note(w, w->out_len + total, mono_ns() - t0);
 		w->stats.bytes += w->out_len + total;
 		w->out_len = 0;
 	}
@@ -467,6 +532,39 @@ int vmig_stream_write_iter_end(struct vmig_stream_writer *w, uint64_t iter,
 	put_le64(b, iter);
 	put_le64(b + 8, pages);
 	return vmig_stream_write_record(w, VMIG_REC_ITER_END, 0, b, sizeof(b));
+}
+
+int vmig_stream_write_extents(struct vmig_stream_writer *w,
+			      const struct vmig_stream_extent *e, uint32_t n)
+{
+	uint8_t head[8];
+	struct iovec iov[2];
+	uint8_t *body;
+	uint64_t prev_end = 0;
+	int ret;
+
+	if (!n || n > VMIG_STREAM_MAX_EXTENTS || !e)
+		return -EINVAL;
+	body = malloc(16 * (size_t)n);
+	if (!body)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < n; i++) {
+		if ((e[i].gpa | e[i].len) & (VMIG_STREAM_PAGE_SIZE - 1) || !e[i].len ||
+		    e[i].gpa + e[i].len < e[i].gpa || (i && e[i].gpa < prev_end)) {
+			free(body);
+			return -EINVAL;
+		}
+		prev_end = e[i].gpa + e[i].len;
+		put_le64(body + 16 * (size_t)i, e[i].gpa);
+		put_le64(body + 16 * (size_t)i + 8, e[i].len);
+	}
+	put_le32(head, n);
+	put_le32(head + 4, 0);
+	iov[0] = (struct iovec){ head, sizeof(head) };
+	iov[1] = (struct iovec){ body, 16 * (size_t)n };
+	ret = write_pieces(w, VMIG_REC_EXTENTS, VMIG_REC_OPTIONAL, iov, 2);
+	free(body);
+	return ret;
 }
 
 static bool name_char_ok(unsigned char c)
@@ -583,7 +681,8 @@ int vmig_stream_add_page(struct vmig_stream_writer *w, uint64_t gpa,
 		memcpy(slot, page, VMIG_STREAM_PAGE_SIZE);
 		enc = VMIG_PAGE_RAW;
 		plen = VMIG_STREAM_PAGE_SIZE;
-		if (mode == VMIG_COMPRESS_LZ4) {
+		if (mode == VMIG_COMPRESS_LZ4 || (mode == VMIG_COMPRESS_AUTO && !w->auto_raw)) {
+			uint64_t t0 = mode == VMIG_COMPRESS_AUTO ? mono_ns() : 0;
 			int c = LZ4_compress_fast_extState(w->lz4_state,
 							   (const char *)slot,
 							   (char *)w->scratch,
@@ -591,6 +690,11 @@ int vmig_stream_add_page(struct vmig_stream_writer *w, uint64_t gpa,
 							   VMIG_STREAM_PAGE_SIZE - 1,
 							   LZ4_ACCEL);
 
+			if (mode == VMIG_COMPRESS_AUTO) {
+				w->comp_ns += mono_ns() - t0;
+				w->comp_in += VMIG_STREAM_PAGE_SIZE;
+				w->comp_out += c > 0 ? (uint64_t)c : VMIG_STREAM_PAGE_SIZE;
+			}
 			if (c > 0) {
 				memcpy(slot, w->scratch, (size_t)c);
 				enc = VMIG_PAGE_LZ4;
@@ -629,6 +733,7 @@ int vmig_stream_flush_pages(struct vmig_stream_writer *w)
 	ret = emit(w, VMIG_REC_PAGES, 0, iov, 2);
 	w->npages = 0;
 	w->payload_len = 0;
+	auto_judge(w);
 	return ret;
 }
 
@@ -852,6 +957,40 @@ static int error_check(const struct vmig_record *rec, struct vmig_err *err)
 	return 0;
 }
 
+/* An EXTENTS body: count, then that many ascending, disjoint ranges. */
+static int extents_check(const struct vmig_record *rec, struct vmig_err *err)
+{
+	const uint8_t *b = rec->body;
+	uint64_t count, prev_end = 0;
+
+	if (rec->len < 8)
+		return bad(err, -EPROTO, rec, "body is %zu bytes, too short for the count",
+			   rec->len);
+	count = get_le32(b);
+	if (count == 0 || count > VMIG_STREAM_MAX_EXTENTS || get_le32(b + 4))
+		return bad(err, -EPROTO, rec, "extent count %llu is out of range (1 to %u)",
+			   (unsigned long long)count, VMIG_STREAM_MAX_EXTENTS);
+	if (rec->len != 8 + 16 * count)
+		return bad(err, -EPROTO, rec, "body is %zu bytes, but %llu extents need %llu",
+			   rec->len, (unsigned long long)count,
+			   (unsigned long long)(8 + 16 * count));
+	for (uint64_t i = 0; i < count; i++) {
+		uint64_t gpa = get_le64(b + 8 + 16 * i), len = get_le64(b + 16 + 16 * i);
+
+		if ((gpa | len) & (VMIG_STREAM_PAGE_SIZE - 1) || !len || gpa + len < gpa)
+			return bad(err, -EPROTO, rec, "extent %llu (0x%llx, %llu bytes) is not a "
+				   "non-empty page-aligned range",
+				   (unsigned long long)i, (unsigned long long)gpa,
+				   (unsigned long long)len);
+		if (i && gpa < prev_end)
+			return bad(err, -EPROTO, rec, "extent %llu at 0x%llx overlaps or precedes "
+				   "the one before it", (unsigned long long)i,
+				   (unsigned long long)gpa);
+		prev_end = gpa + len;
+	}
+	return 0;
+}
+
 /* Checks of a known type's body; the framing is already verified. */
 static int body_check(const struct vmig_record *rec, struct page_counts *pc,
 		      struct vmig_err *err)
@@ -861,6 +1000,8 @@ static int body_check(const struct vmig_record *rec, struct page_counts *pc,
 		return pages_check(rec, pc, err);
 	case VMIG_REC_STATE:
 		return state_check(rec, NULL, err);
+	case VMIG_REC_EXTENTS:
+		return extents_check(rec, err);
 	case VMIG_REC_ERROR:
 	case VMIG_REC_NACK:
 		return error_check(rec, err);
@@ -1338,6 +1479,31 @@ int vmig_stream_parse_iter_end(const struct vmig_record *rec, uint64_t *iter,
 		return ret;
 	*iter = get_le64(rec->body);
 	*pages = get_le64((const uint8_t *)rec->body + 8);
+	return 0;
+}
+
+int vmig_stream_parse_extents(const struct vmig_record *rec,
+			      struct vmig_stream_extent *out, uint32_t max,
+			      uint32_t *n, struct vmig_err *err)
+{
+	const uint8_t *b = rec->body;
+	uint32_t count;
+	int ret = expect_type(rec, VMIG_REC_EXTENTS, err);
+
+	if (ret < 0)
+		return ret;
+	ret = body_check(rec, NULL, err);
+	if (ret < 0)
+		return ret;
+	count = get_le32(b);
+	if (count > max)
+		return bad(err, -EPROTO, rec, "%u extents, more than the %u this side takes",
+			   count, max);
+	for (uint32_t i = 0; i < count; i++) {
+		out[i].gpa = get_le64(b + 8 + 16 * (size_t)i);
+		out[i].len = get_le64(b + 16 + 16 * (size_t)i);
+	}
+	*n = count;
 	return 0;
 }
 

@@ -20,6 +20,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "vmig/stream.h"
 #include "vmig/util.h"
 
 struct vmig_vm;
@@ -42,7 +43,14 @@ struct vmig_migrate_params {
 	uint32_t max_downtime_ms;   /* default 300 */
 	uint32_t timeout_s;         /* 0 = none */
 	enum vmig_on_timeout on_timeout;
-	bool compress;              /* lz4 pages that shrink */
+	enum vmig_compress compress;  /* NONE, LZ4 or AUTO (stream.h) */
+	uint64_t bandwidth_bps;     /* pre-copy cap, bytes/s; 0 = none */
+	/*
+	 * Auto-converge: when the guest dirties memory faster than the link
+	 * carries it, throttle its vCPUs in steps (initial, then +step, up to
+	 * max %) until the migration converges.  0 max = never.
+	 */
+	unsigned int throttle_initial, throttle_step, throttle_max;
 	bool resume_dst;            /* a paused VM arrives running */
 	bool stop_after;            /* save: stop the VM once the file is complete */
 };
@@ -72,6 +80,8 @@ struct vmig_migrate_stats {
 	uint64_t eta_ms;
 	uint64_t pages_zero, pages_raw, pages_lz4;
 	uint64_t state_bytes;
+	unsigned int throttle_pct;     /* vCPU throttle now (auto-converge) */
+	uint64_t bandwidth_limit_bps;  /* the cap in force, 0 = none */
 	char error[512];
 };
 
@@ -84,6 +94,8 @@ int vmig_migrate_src_start(struct vmig_vm *vm, const struct vmig_migrate_params 
 /* Readable whenever the stats changed; a final status means it has ended. */
 int vmig_migrate_src_event_fd(const struct vmig_migration *m);
 void vmig_migrate_src_stats(struct vmig_migration *m, struct vmig_migrate_stats *out);
+/* Change the pre-copy bandwidth cap (0 = none).  Any thread. */
+void vmig_migrate_src_set_bandwidth(struct vmig_migration *m, uint64_t bps);
 /* Ask to cancel; effective only before COMMIT.  Any thread. */
 void vmig_migrate_src_cancel(struct vmig_migration *m);
 /* Join the ended migration thread and free it; returns its final status. */

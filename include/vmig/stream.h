@@ -60,6 +60,7 @@ struct vmig_mem_region;
 #define VMIG_STREAM_MAX_CONFIG   (1u << 20)   /* CONFIG body (JSON) */
 #define VMIG_STREAM_MAX_MESSAGE  4096u        /* ERROR/NACK message bytes */
 #define VMIG_STREAM_STATE_NAME_MAX 64u        /* STATE section name bytes */
+#define VMIG_STREAM_MAX_EXTENTS  65536u       /* ranges in one EXTENTS record */
 
 /* Record types. */
 enum vmig_rec_type {
@@ -72,6 +73,7 @@ enum vmig_rec_type {
 	VMIG_REC_COMMIT = 6,
 	VMIG_REC_END = 7,
 	VMIG_REC_ERROR = 8,
+	VMIG_REC_EXTENTS = 9,        /* optional: RAM the first pass will fill */
 	/* reverse: destination -> source */
 	VMIG_REC_READY = 0x10,
 	VMIG_REC_RUNNING = 0x11,
@@ -93,6 +95,13 @@ enum vmig_page_enc {
 enum vmig_compress {
 	VMIG_COMPRESS_NONE = 0,  /* RAW */
 	VMIG_COMPRESS_LZ4 = 1,   /* LZ4 when it saves space, else RAW */
+	/*
+	 * LZ4 while it pays: a batch that does not shrink by 1/16, or whose
+	 * compression took longer than the link needs for the bytes it saved
+	 * (both measured by the writer), sends the next 16 batches RAW, then
+	 * tries again.
+	 */
+	VMIG_COMPRESS_AUTO = 2,
 };
 
 /* Which way a stream flows; decides which record types it may carry. */
@@ -152,6 +161,20 @@ int vmig_stream_write_config(struct vmig_stream_writer *w,
 /* ITER_END: iteration @iter ended after @pages pages. */
 int vmig_stream_write_iter_end(struct vmig_stream_writer *w, uint64_t iter,
 			       uint64_t pages);
+
+/* A range of guest-physical RAM, page aligned. */
+struct vmig_stream_extent {
+	uint64_t gpa;
+	uint64_t len;
+};
+/*
+ * EXTENTS (optional): the @n (1..VMIG_STREAM_MAX_EXTENTS) ranges, in
+ * ascending order and not overlapping, that the first pass will write.
+ * A hint: the destination may fault that RAM in ahead of the pages.
+ * -EINVAL for ranges that break those rules.
+ */
+int vmig_stream_write_extents(struct vmig_stream_writer *w,
+			      const struct vmig_stream_extent *e, uint32_t n);
 /*
  * STATE: section @name (1..VMIG_STREAM_STATE_NAME_MAX printable ASCII
  * bytes, no spaces), layout @version, @instance (vCPU index or 0), @len
@@ -267,6 +290,15 @@ int vmig_stream_parse_config(const struct vmig_record *rec,
 
 int vmig_stream_parse_iter_end(const struct vmig_record *rec, uint64_t *iter,
 			       uint64_t *pages, struct vmig_err *err);
+
+/*
+ * EXTENTS -> up to @max ranges in @out (the record's count in *@n; -EPROTO
+ * if it holds more than @max, or ranges that are unaligned, empty,
+ * overlapping or out of order).
+ */
+int vmig_stream_parse_extents(const struct vmig_record *rec,
+			      struct vmig_stream_extent *out, uint32_t max,
+			      uint32_t *n, struct vmig_err *err);
 
 struct vmig_stream_state {
 	char name[VMIG_STREAM_STATE_NAME_MAX + 1];

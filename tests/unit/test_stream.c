@@ -387,7 +387,8 @@ START_TEST(test_rec_names)
 	ck_assert_str_eq(vmig_stream_rec_name(VMIG_REC_PAGES), "PAGES");
 	ck_assert_str_eq(vmig_stream_rec_name(VMIG_REC_NACK), "NACK");
 	ck_assert_ptr_null(vmig_stream_rec_name(0));
-	ck_assert_ptr_null(vmig_stream_rec_name(9));
+	ck_assert_str_eq(vmig_stream_rec_name(VMIG_REC_EXTENTS), "EXTENTS");
+	ck_assert_ptr_null(vmig_stream_rec_name(10));
 	ck_assert_str_eq(vmig_stream_rec_name(VMIG_REC_ITER_DONE), "ITER_DONE");
 	ck_assert_ptr_null(vmig_stream_rec_name(0x14));
 }
@@ -768,6 +769,150 @@ START_TEST(test_pages_file_nocompress)
 	unlink(path);
 	guest_fini(&src);
 	guest_fini(&dst);
+}
+END_TEST
+
+static int decode_records(const uint8_t *recs, size_t rlen, bool no_end,
+			  struct guest *g, struct vmig_err *err);
+
+/* --compress auto: every page arrives intact whichever way each batch went. */
+START_TEST(test_pages_file_auto)
+{
+	struct guest src, dst;
+	uint64_t z = 0, rw = 0, l = 0;
+	struct vmig_transport *t;
+	struct vmig_err err = { 0 };
+	struct vmig_stream_stats ws, rs;
+	char path[] = "/tmp/vmig-test-stream.XXXXXX";
+	int fd = mkstemp(path);
+
+	ck_assert_int_ge(fd, 0);
+	close(fd);
+	guest_init(&src, 0x200000, 5000);
+	guest_init(&dst, 0x200000, 5000);
+	make_source(&src, 5000, 33, &z, &rw, &l);
+
+	ck_assert_msg(vmig_transport_open_file(path, true, &t, &err) == 0, "%s", err.msg);
+	write_pages(t, &src, 1, VMIG_COMPRESS_AUTO, &ws);
+	vmig_transport_close(t);
+	ck_assert_uint_eq(ws.pages_zero + ws.pages_raw + ws.pages_lz4, 5000);
+
+	ck_assert_int_eq(vmig_transport_open_file(path, false, &t, &err), 0);
+	read_pages(t, &src, &dst, 1, &rs);
+	vmig_transport_close(t);
+	ck_assert_uint_eq(rs.pages_raw, ws.pages_raw);
+	ck_assert_uint_eq(rs.pages_lz4, ws.pages_lz4);
+	unlink(path);
+	guest_fini(&src);
+	guest_fini(&dst);
+}
+END_TEST
+
+/* --compress auto on pages that do not shrink: they all go raw. */
+START_TEST(test_auto_random_goes_raw)
+{
+	struct mem_transport *out = mem_new(NULL, 0, 0);
+	struct vmig_stream_writer *w;
+	struct vmig_stream_stats ws;
+	static uint8_t page[PAGE];
+
+	ck_assert_int_eq(vmig_stream_writer_create(&out->base, VMIG_STREAM_FORWARD, &w), 0);
+	ck_assert_int_eq(vmig_stream_write_header(w), 0);
+	for (uint64_t i = 0; i < 20000; i++) {
+		fill_random(page, sizeof(page));
+		ck_assert_int_eq(vmig_stream_add_page(w, i * PAGE, page, VMIG_COMPRESS_AUTO), 0);
+	}
+	ck_assert_int_eq(vmig_stream_finish(w), 0);
+	vmig_stream_writer_stats(w, &ws);
+	ck_assert_uint_eq(ws.pages_raw, 20000);
+	ck_assert_uint_eq(ws.pages_lz4, 0);
+	vmig_stream_writer_destroy(w);
+	vmig_transport_close(&out->base);
+}
+END_TEST
+
+/* EXTENTS: written, read back, and its rules enforced on both sides. */
+START_TEST(test_extents)
+{
+	struct mem_transport *out = mem_new(NULL, 0, 0), *in;
+	struct vmig_stream_writer *w;
+	struct vmig_stream_reader *r;
+	struct vmig_record rec;
+	struct vmig_err err = { 0 };
+	struct vmig_stream_extent e[3] = {
+		{ 0x0, 0x3000 }, { 0x10000, 0x1000 }, { 0x100000000ull, 0x200000 },
+	}, got[3], bad[2];
+	struct guest g;
+	uint8_t recs[256], body[64];
+	uint32_t n;
+	size_t len;
+
+	ck_assert_int_eq(vmig_stream_writer_create(&out->base, VMIG_STREAM_FORWARD, &w), 0);
+	ck_assert_int_eq(vmig_stream_write_header(w), 0);
+	ck_assert_int_eq(vmig_stream_write_extents(w, e, 3), 0);
+	/* Writer rules: none, unordered, overlapping, unaligned, empty. */
+	ck_assert_int_eq(vmig_stream_write_extents(w, e, 0), -EINVAL);
+	bad[0] = e[1];
+	bad[1] = e[0];
+	ck_assert_int_eq(vmig_stream_write_extents(w, bad, 2), -EINVAL);
+	bad[0] = (struct vmig_stream_extent){ 0, 0x2000 };
+	bad[1] = (struct vmig_stream_extent){ 0x1000, 0x1000 };
+	ck_assert_int_eq(vmig_stream_write_extents(w, bad, 2), -EINVAL);
+	bad[0] = (struct vmig_stream_extent){ 0x800, 0x1000 };
+	ck_assert_int_eq(vmig_stream_write_extents(w, bad, 1), -EINVAL);
+	bad[0] = (struct vmig_stream_extent){ 0x1000, 0 };
+	ck_assert_int_eq(vmig_stream_write_extents(w, bad, 1), -EINVAL);
+	ck_assert_int_eq(vmig_stream_finish(w), 0);
+	vmig_stream_writer_destroy(w);
+
+	in = mem_new(out->data, out->len, 7);
+	ck_assert_int_eq(vmig_stream_reader_create(&in->base, VMIG_STREAM_FORWARD, &r), 0);
+	ck_assert_int_eq(vmig_stream_read_header(r, &err), 0);
+	ck_assert_msg(vmig_stream_read_record(r, &rec, &err) == 0, "%s", err.msg);
+	ck_assert_uint_eq(rec.type, VMIG_REC_EXTENTS);
+	ck_assert_uint_eq(rec.flags, VMIG_REC_OPTIONAL);
+	/* Room for fewer than it holds: refused, not overrun. */
+	ck_assert_int_eq(vmig_stream_parse_extents(&rec, got, 2, &n, &err), -EPROTO);
+	assert_err_has(&err, "3 extents, more than the 2");
+	vmig_err_clear(&err);
+	ck_assert_int_eq(vmig_stream_parse_extents(&rec, got, 3, &n, &err), 0);
+	ck_assert_uint_eq(n, 3);
+	for (unsigned int i = 0; i < 3; i++) {
+		ck_assert_uint_eq(got[i].gpa, e[i].gpa);
+		ck_assert_uint_eq(got[i].len, e[i].len);
+	}
+	ck_assert_int_eq(vmig_stream_read_record(r, &rec, &err), 0);
+	ck_assert_uint_eq(rec.type, VMIG_REC_END);
+	vmig_stream_reader_destroy(r);
+	vmig_transport_close(&in->base);
+	vmig_transport_close(&out->base);
+
+	/* Reader rules, on hostile bodies. */
+	guest_init(&g, 0, 1);
+	memset(body, 0, sizeof(body));
+	len = put_record(recs, VMIG_REC_EXTENTS, VMIG_REC_OPTIONAL, body, 8);
+	ck_assert_int_eq(decode_records(recs, len, false, &g, &err), -EPROTO);
+	assert_err_has(&err, "extent count 0 is out of range");
+	le32(body, 2);
+	len = put_record(recs, VMIG_REC_EXTENTS, VMIG_REC_OPTIONAL, body, 24);
+	ck_assert_int_eq(decode_records(recs, len, false, &g, &err), -EPROTO);
+	assert_err_has(&err, "but 2 extents need 40");
+	le64(body + 8, 0x2000);
+	le64(body + 16, 0x2000);
+	le64(body + 24, 0x3000);
+	le64(body + 32, 0x1000);
+	len = put_record(recs, VMIG_REC_EXTENTS, VMIG_REC_OPTIONAL, body, 40);
+	ck_assert_int_eq(decode_records(recs, len, false, &g, &err), -EPROTO);
+	assert_err_has(&err, "extent 1 at 0x3000 overlaps");
+	le64(body + 24, 0x4000);
+	le64(body + 32, 0x10);
+	len = put_record(recs, VMIG_REC_EXTENTS, VMIG_REC_OPTIONAL, body, 40);
+	ck_assert_int_eq(decode_records(recs, len, false, &g, &err), -EPROTO);
+	assert_err_has(&err, "is not a non-empty page-aligned range");
+	le64(body + 32, 0x1000);
+	len = put_record(recs, VMIG_REC_EXTENTS, VMIG_REC_OPTIONAL, body, 40);
+	ck_assert_msg(decode_records(recs, len, false, &g, &err) == 0, "%s", err.msg);
+	guest_fini(&g);
 }
 END_TEST
 
@@ -1530,6 +1675,9 @@ static Suite *stream_suite(void)
 	tcase_add_test(tc, test_roundtrip_reverse);
 	tcase_add_test(tc, test_pages_socketpair);
 	tcase_add_test(tc, test_pages_file_nocompress);
+	tcase_add_test(tc, test_pages_file_auto);
+	tcase_add_test(tc, test_auto_random_goes_raw);
+	tcase_add_test(tc, test_extents);
 	tcase_add_test(tc, test_page_twice_later_wins);
 	tcase_add_test(tc, test_big_records);
 	suite_add_tcase(s, tc);

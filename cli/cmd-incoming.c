@@ -203,14 +203,17 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 					}
 				}
 			} while (ret == -ETIMEDOUT);
-			vmig_listener_close(l);
 		}
 	}
 	if (ret) {
+		vmig_listener_close(l);
 		snprintf(msg, sizeof(msg), "%s", err.msg[0] ? err.msg : strerror(-ret));
 		goto fail_msg;
 	}
+	/* A source with --channels connects again: keep listening till it has. */
+	dp.listener = l;
 	ret = vmig_migrate_dst_run(t, &dp, &vm, &err);
+	vmig_listener_close(l);
 	vmig_transport_close(t);
 	if (ret) {
 		snprintf(msg, sizeof(msg), "%s", err.msg[0] ? err.msg : strerror(-ret));

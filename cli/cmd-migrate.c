@@ -23,6 +23,7 @@
 
 #include <json-c/json.h>
 
+#include "vmig/migrate.h"
 #include "vmig/util.h"
 #include "cli.h"
 
@@ -228,6 +229,7 @@ enum {
 	OPT_ACCEPT_NEW,
 	OPT_MAX_THROTTLE,
 	OPT_NO_AUTO_CONVERGE,
+	OPT_CHANNELS,
 };
 
 /* @path made absolute (the VMM has its own working directory). */
@@ -295,6 +297,7 @@ int cmd_migrate(int argc, char **argv)
 		{ "no-compress",  no_argument,       NULL, 'n' },
 		{ "compress",     required_argument, NULL, 'c' },
 		{ "bandwidth",    required_argument, NULL, 'b' },
+		{ "channels",     required_argument, NULL, OPT_CHANNELS },
 		{ "max-throttle", required_argument, NULL, OPT_MAX_THROTTLE },
 		{ "no-auto-converge", no_argument,   NULL, OPT_NO_AUTO_CONVERGE },
 		{ "resume",       no_argument,       NULL, 'r' },
@@ -307,7 +310,7 @@ int cmd_migrate(int argc, char **argv)
 		{ "help",         no_argument,       NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	uint32_t downtime = 300, timeout = 0, max_throttle = 99;
+	uint32_t downtime = 300, timeout = 0, max_throttle = 99, channels = 1;
 	uint64_t bandwidth = 0;
 	const char *on_timeout = "cancel", *compress = "auto";
 	const char *remote_vmig = NULL, *dest_name = NULL, *known_hosts = NULL, *identity = NULL;
@@ -362,6 +365,14 @@ int cmd_migrate(int argc, char **argv)
 		case OPT_NO_AUTO_CONVERGE:
 			max_throttle = 0;
 			break;
+		case OPT_CHANNELS:
+			ret = parse_u32("migrate", "--channels", optarg, &channels);
+			if (ret)
+				return ret;
+			if (channels < 1 || channels > VMIG_MIGRATE_MAX_CHANNELS)
+				return cli_usage_error("migrate", "--channels must be 1 to %u",
+						       VMIG_MIGRATE_MAX_CHANNELS);
+			break;
 		case 'r':
 			resume = true;
 			break;
@@ -395,7 +406,7 @@ int cmd_migrate(int argc, char **argv)
 		case 'h':
 			printf("Usage: vmig migrate NAME URI [--max-downtime MS] [--timeout S "
 			       "--on-timeout cancel|force]\n"
-			       "                    [--compress auto|lz4|none] [--bandwidth RATE]\n"
+			       "                    [--compress auto|lz4|none] [--bandwidth RATE] [--channels N]\n"
 			       "                    [--max-throttle PCT | --no-auto-converge] [--resume] [--json]\n"
 			       "                    [--remote-vmig CMD] [--dest-name NAME] "
 			       "[--known-hosts FILE]\n"
@@ -414,6 +425,8 @@ int cmd_migrate(int argc, char **argv)
 			       "                         to PCT %% when it dirties faster than the link\n"
 			       "                         carries (default 99)\n"
 			       "      --no-auto-converge never slow the guest down (--max-throttle 0)\n"
+			       "      --channels N       send pages over N connections, each with its own\n"
+			       "                         thread (tcp:// and unix: only; default 1)\n"
 			       "  -r, --resume           a paused VM runs on arrival\n"
 			       "  -j, --json             print one JSON object with the result\n\n"
 			       "ssh:// only:\n"
@@ -440,6 +453,8 @@ int cmd_migrate(int argc, char **argv)
 		return cli_usage_error("migrate", "bad URI '%s': use tcp://HOST:PORT, unix:PATH or "
 				       "ssh://[USER@]HOST[:PORT] (to write a file, use vmig save)",
 				       argv[optind + 1]);
+	if (channels > 1 && !strncmp(argv[optind + 1], "ssh://", 6))
+		return cli_usage_error("migrate", "--channels needs tcp:// or unix:");
 	if (!strncmp(argv[optind + 1], "ssh://", 6)) {
 		ssh = ssh_request(remote_vmig, dest_name, known_hosts, accept_new, identity);
 		if (!ssh)
@@ -458,6 +473,8 @@ int cmd_migrate(int argc, char **argv)
 	if (bandwidth)
 		json_object_object_add(req, "bandwidth_bps", json_object_new_int64((int64_t)bandwidth));
 	json_object_object_add(req, "max_throttle", json_object_new_int64(max_throttle));
+	if (channels > 1)
+		json_object_object_add(req, "channels", json_object_new_int64(channels));
 	json_object_object_add(req, "resume", json_object_new_boolean(resume));
 	return follow(argv[optind], req, json, "migration", true);
 }

@@ -219,7 +219,17 @@ int vmig__config_parse(struct json_object *o, struct vmig__config *c, struct vmi
 	c->running = get_bool(o, "running");
 	c->resume = get_bool(o, "resume");
 	c->live = get_bool(o, "live");
-	(void)v;
+	c->channels = 1;
+	if (json_object_object_get_ex(o, "channels", &x)) {
+		if (get_u64(o, "channels", &v, err) || get_u64(o, "session", &c->session, err))
+			return -EPROTO;
+		if (v < 1 || v > VMIG_MIGRATE_MAX_CHANNELS) {
+			vmig_err_set(err, -ENOTSUP, "the source uses %" PRIu64 " channels; this "
+				     "vmig takes 1 to %u", v, VMIG_MIGRATE_MAX_CHANNELS);
+			return -ENOTSUP;
+		}
+		c->channels = (unsigned int)v;
+	}
 	return 0;
 }
 

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <pthread.h>
 #include <stdatomic.h>
 
@@ -66,6 +67,30 @@ struct section {
 	size_t len;
 };
 
+struct dst;
+
+/*
+ * An extra channel of a --channels migration: a connection with its own
+ * reader and thread that applies the PAGES it carries.  At ITER_END(k) it
+ * waits until the main thread releases pass k, which it does once every
+ * channel (and the main connection) has applied all of pass k: no page of
+ * pass k + 1 lands before an older copy from pass k (src.c has the other
+ * half of this rule).
+ */
+struct dst_channel {
+	struct dst *d;
+	unsigned int index;
+	struct vmig_transport *t;
+	struct vmig_stream_reader *r;
+	pthread_t thread;
+	bool started;
+	struct vmig_err err;
+	/* Under d->ch_lock. */
+	uint64_t arrived;                 /* last ITER_END read */
+	bool ended;                       /* END read */
+	int error;
+};
+
 struct dst {
 	struct vmig_transport *t;
 	struct vmig_stream_reader *r;
@@ -76,7 +101,242 @@ struct dst {
 	size_t nr_sec;
 	struct vmig_err *err;
 	struct populate pop;
+	struct dst_channel ch[VMIG_MIGRATE_MAX_CHANNELS];   /* [0] unused */
+	unsigned int nr_ch;
+	pthread_mutex_t ch_lock;
+	pthread_cond_t ch_cond;
+	uint64_t released;                /* passes every channel may go past */
+	bool ch_failed, ch_quit;
 };
+
+static void *dst_channel_thread(void *arg)
+{
+	struct dst_channel *ch = arg;
+	struct dst *d = ch->d;
+	const struct vmig_mem_region *regions;
+	unsigned int nr = vmig_vm_regions(d->vm, &regions);
+	struct vmig_record rec;
+	uint64_t iter, pages;
+	char msg[512];
+	int ret, e;
+
+	for (;;) {
+		ret = vmig_stream_read_record(ch->r, &rec, &ch->err);
+		if (ret)
+			break;
+		if (rec.type == VMIG_REC_PAGES) {
+			ret = vmig_stream_pages_apply_regions(&rec, regions, nr, &ch->err);
+		} else if (rec.type == VMIG_REC_ITER_END) {
+			ret = vmig_stream_parse_iter_end(&rec, &iter, &pages, &ch->err);
+			if (ret)
+				break;
+			pthread_mutex_lock(&d->ch_lock);
+			ch->arrived = iter;
+			pthread_cond_broadcast(&d->ch_cond);
+			while (d->released < iter && !d->ch_failed && !d->ch_quit)
+				pthread_cond_wait(&d->ch_cond, &d->ch_lock);
+			if (d->ch_failed || d->ch_quit)
+				ret = -ECANCELED;
+			pthread_mutex_unlock(&d->ch_lock);
+		} else if (rec.type == VMIG_REC_END) {
+			pthread_mutex_lock(&d->ch_lock);
+			ch->ended = true;
+			pthread_cond_broadcast(&d->ch_cond);
+			pthread_mutex_unlock(&d->ch_lock);
+			return NULL;
+		} else if (rec.type == VMIG_REC_ERROR) {
+			ret = vmig_stream_parse_error(&rec, &e, msg, sizeof(msg), &ch->err);
+			if (!ret) {
+				vmig_err_set(&ch->err, e ? e : -ECANCELED,
+					     "the source ended the migration: %s", msg);
+				ret = e ? e : -ECANCELED;
+			}
+		} else {
+			vmig_err_set(&ch->err, -EPROTO, "unexpected %s record at offset %" PRIu64,
+				     vmig_stream_rec_name(rec.type), rec.offset);
+			ret = -EPROTO;
+		}
+		if (ret)
+			break;
+	}
+	/* Stop reading: the source's writes to this channel fail at once. */
+	if (vmig_transport_fd(ch->t) >= 0)
+		shutdown(vmig_transport_fd(ch->t), SHUT_RDWR);
+	pthread_mutex_lock(&d->ch_lock);
+	ch->error = ret;
+	if (ret != -ECANCELED || !d->ch_quit)
+		d->ch_failed = true;
+	pthread_cond_broadcast(&d->ch_cond);
+	pthread_mutex_unlock(&d->ch_lock);
+	return NULL;
+}
+
+/* The first failed channel's error, into d->err; its code. */
+static int channel_error_locked(struct dst *d)
+{
+	for (unsigned int i = 1; i < d->nr_ch; i++) {
+		struct dst_channel *ch = &d->ch[i];
+
+		if (ch->error && ch->error != -ECANCELED) {
+			vmig_err_set(d->err, ch->error, "channel %u: %s", i,
+				     ch->err.msg[0] ? ch->err.msg : strerror(-ch->error));
+			return ch->error;
+		}
+	}
+	vmig_err_set(d->err, -EPIPE, "a channel of the migration failed");
+	return -EPIPE;
+}
+
+/*
+ * Main connection's ITER_END(@iter): wait until every channel has applied
+ * its share of the pass, then let them all go on.
+ */
+static int channels_barrier(struct dst *d, uint64_t iter)
+{
+	int ret = 0;
+
+	if (d->nr_ch <= 1)
+		return 0;
+	pthread_mutex_lock(&d->ch_lock);
+	for (;;) {
+		bool all = true;
+
+		if (d->ch_failed) {
+			ret = channel_error_locked(d);
+			break;
+		}
+		for (unsigned int i = 1; i < d->nr_ch; i++)
+			if (d->ch[i].arrived < iter)
+				all = false;
+		if (all)
+			break;
+		pthread_cond_wait(&d->ch_cond, &d->ch_lock);
+	}
+	if (!ret) {
+		d->released = iter;
+		pthread_cond_broadcast(&d->ch_cond);
+	}
+	pthread_mutex_unlock(&d->ch_lock);
+	return ret;
+}
+
+/* After SWITCHOVER: every channel must have ended with END. */
+static int channels_finish(struct dst *d)
+{
+	int ret = 0;
+
+	for (unsigned int i = 1; i < d->nr_ch; i++) {
+		if (d->ch[i].started)
+			pthread_join(d->ch[i].thread, NULL);
+		d->ch[i].started = false;
+	}
+	pthread_mutex_lock(&d->ch_lock);
+	for (unsigned int i = 1; i < d->nr_ch && !ret; i++)
+		if (!d->ch[i].ended)
+			ret = d->ch_failed ? channel_error_locked(d) : -EPROTO;
+	if (ret == -EPROTO)
+		vmig_err_set(d->err, -EPROTO, "a channel did not end with END");
+	pthread_mutex_unlock(&d->ch_lock);
+	return ret;
+}
+
+/* Stop, join and close every channel.  NULL-safe on a half-built set. */
+static void channels_stop(struct dst *d)
+{
+	pthread_mutex_lock(&d->ch_lock);
+	d->ch_quit = true;
+	pthread_cond_broadcast(&d->ch_cond);
+	pthread_mutex_unlock(&d->ch_lock);
+	for (unsigned int i = 1; i < VMIG_MIGRATE_MAX_CHANNELS; i++) {
+		struct dst_channel *ch = &d->ch[i];
+
+		if (ch->started) {
+			if (vmig_transport_fd(ch->t) >= 0)
+				shutdown(vmig_transport_fd(ch->t), SHUT_RDWR);
+			pthread_join(ch->thread, NULL);
+			ch->started = false;
+		}
+		vmig_stream_reader_destroy(ch->r);
+		vmig_transport_close(ch->t);
+		ch->r = NULL;
+		ch->t = NULL;
+	}
+}
+
+/*
+ * CONFIG asked for channels: accept them on @p->listener, check that each
+ * belongs to this migration (session) and start its thread.
+ */
+static int channels_accept(struct dst *d, const struct vmig_dst_params *p)
+{
+	unsigned int got = 0, tries = 0;
+	struct vmig_record rec;
+	int ret;
+
+	d->nr_ch = d->cfg.channels;
+	if (d->nr_ch <= 1)
+		return 0;
+	if (!p->listener) {
+		vmig_err_set(d->err, -ENOTSUP, "the source sends over %u connections, and this "
+			     "destination takes one (use --channels 1 with this transport)",
+			     d->nr_ch);
+		return -ENOTSUP;
+	}
+	while (got < d->nr_ch - 1) {
+		struct vmig_transport *t = NULL;
+		struct vmig_stream_reader *r = NULL;
+		struct vmig_err e = { 0 };
+		uint64_t session;
+		uint32_t index, count;
+
+		if (++tries > 4 * d->nr_ch) {
+			vmig_err_set(d->err, -EPROTO, "the source's channels did not arrive");
+			return -EPROTO;
+		}
+		ret = vmig_transport_accept(p->listener, 10000, &t, &e);
+		if (ret) {
+			vmig_err_set(d->err, ret, "waiting for the source's channel %u of %u: %s",
+				     got + 1, d->nr_ch, e.msg[0] ? e.msg : strerror(-ret));
+			return ret;
+		}
+		vmig_transport_set_timeout(t, DST_IO_TIMEOUT_MS);
+		ret = vmig_stream_reader_create(t, VMIG_STREAM_FORWARD, &r);
+		if (!ret)
+			ret = vmig_stream_read_header(r, &e);
+		if (!ret)
+			ret = vmig_stream_read_record(r, &rec, &e);
+		if (!ret)
+			ret = vmig_stream_parse_channel(&rec, &session, &index, &count, &e);
+		if (!ret && (session != d->cfg.session || count != d->nr_ch ||
+			     d->ch[index].t)) {
+			vmig_err_set(&e, -EPROTO, "a connection for another migration");
+			ret = -EPROTO;
+		}
+		if (ret) {
+			/* Not one of ours (or garbage): drop it, keep waiting. */
+			vmig_log(VMIG_LOG_WARN, "refused a connection while waiting for the "
+				 "source's channels: %s", e.msg[0] ? e.msg : strerror(-ret));
+			vmig_stream_reader_destroy(r);
+			vmig_transport_close(t);
+			continue;
+		}
+		d->ch[index].d = d;
+		d->ch[index].index = index;
+		d->ch[index].t = t;
+		d->ch[index].r = r;
+		got++;
+	}
+	for (unsigned int i = 1; i < d->nr_ch; i++) {
+		ret = -pthread_create(&d->ch[i].thread, NULL, dst_channel_thread, &d->ch[i]);
+		if (ret) {
+			vmig_err_set(d->err, ret, "cannot start a channel thread: %s",
+				     strerror(-ret));
+			return ret;
+		}
+		d->ch[i].started = true;
+	}
+	return 0;
+}
 
 static void *populate_thread(void *arg)
 {
@@ -308,6 +568,8 @@ static int receive(struct dst *d, const struct vmig_dst_params *p)
 			break;
 		case VMIG_REC_ITER_END:
 			ret = vmig_stream_parse_iter_end(&rec, &iter, &pages, d->err);
+			if (!ret)
+				ret = channels_barrier(d, iter);
 			if (ret)
 				break;
 			vmig_stream_reader_stats(d->r, &rs);
@@ -336,7 +598,7 @@ static int receive(struct dst *d, const struct vmig_dst_params *p)
 		case VMIG_REC_SWITCHOVER:
 			vmig_log(VMIG_LOG_DEBUG, "SWITCHOVER received at %" PRIu64 " us", vmig__now_ns() / 1000);
 			populate_stop(d);     /* every page is here */
-			return 0;
+			return channels_finish(d);
 		case VMIG_REC_ERROR:
 			ret = vmig_stream_parse_error(&rec, &e, msg, sizeof(msg), d->err);
 			if (!ret) {
@@ -388,6 +650,8 @@ int vmig_migrate_dst_run(struct vmig_transport *t, const struct vmig_dst_params 
 	int ret;
 
 	*out = NULL;
+	pthread_mutex_init(&d.ch_lock, NULL);
+	pthread_cond_init(&d.ch_cond, NULL);
 	vmig_transport_set_timeout(t, DST_IO_TIMEOUT_MS);
 	ret = vmig_stream_reader_create(t, VMIG_STREAM_FORWARD, &d.r);
 	if (ret)
@@ -403,8 +667,11 @@ int vmig_migrate_dst_run(struct vmig_transport *t, const struct vmig_dst_params 
 	if (!ret && d.cfg.live)
 		ret = open_replies(&d);
 	if (!ret)
+		ret = channels_accept(&d, p);
+	if (!ret)
 		ret = receive(&d, p);
 	populate_stop(&d);
+	channels_stop(&d);
 	if (!ret)
 		ret = load_state(&d);
 	vmig_log(VMIG_LOG_DEBUG, "state loaded (%d) at %" PRIu64 " us", ret, vmig__now_ns() / 1000);
@@ -470,6 +737,8 @@ done:
 	free_sections(&d);
 	vmig_stream_reader_destroy(d.r);
 	vmig_stream_writer_destroy(d.w);
+	pthread_cond_destroy(&d.ch_cond);
+	pthread_mutex_destroy(&d.ch_lock);
 	*out = d.vm;
 	return 0;
 
@@ -485,9 +754,12 @@ fail:
 		vmig_stream_flush(d.w);
 	}
 	populate_stop(&d);
+	channels_stop(&d);
 	free_sections(&d);
 	vmig_stream_reader_destroy(d.r);
 	vmig_stream_writer_destroy(d.w);
 	vmig_vm_destroy(d.vm);
+	pthread_cond_destroy(&d.ch_cond);
+	pthread_mutex_destroy(&d.ch_lock);
 	return ret;
 }

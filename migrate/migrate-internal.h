@@ -20,6 +20,8 @@ struct vmig__config {
 	bool running;            /* the VM ran on the source when it paused */
 	bool resume;             /* run it on arrival even if it was paused */
 	bool live;               /* the handoff protocol follows SWITCHOVER */
+	unsigned int channels;   /* connections carrying pages, 1.. */
+	uint64_t session;        /* identifies the extra connections */
 };
 
 struct json_object *vmig__config_build(struct vmig_vm *vm, bool running, bool resume,

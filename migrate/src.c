@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -56,6 +57,32 @@
 #define PROGRESS_NS         250000000ull
 #define MIN_ITERATION_NS    5000000ull
 #define EST_STATE_PER_VCPU  (16u << 10)
+
+/* --bandwidth pacing of one sender (writer). */
+struct pacer {
+	uint64_t seen, t0, b0;            /* the limit paced against, since when */
+};
+
+/*
+ * An extra channel (--channels): its own connection, writer and thread.
+ * The migration thread hands it an iteration (work_iter); it sends the
+ * dirty pages of its stripes, then ITER_END, and reports done_iter.
+ */
+struct src_channel {
+	struct vmig_migration *m;
+	unsigned int index;
+	struct vmig_transport *t;
+	struct vmig_stream_writer *w;
+	struct pacer pace;
+	pthread_t thread;
+	bool started;
+	/* Under m->lock. */
+	uint64_t work_iter, done_iter, sent;
+	bool last;                        /* the final pass: END after it */
+	struct vmig_stream_stats ws;      /* the writer's, as of done_iter */
+	int error;
+	struct vmig_err err;
+};
 
 struct vmig_migration {
 	struct vmig_vm *vm;
@@ -98,9 +125,16 @@ struct vmig_migration {
 	unsigned int nr_regions;
 	struct vmig_stream_extent *extents;  /* what pass 1 sends, for EXTENTS */
 	uint32_t nr_extents;
-	/* --bandwidth: any thread sets bw_limit; the rest is the thread's. */
+	/* --bandwidth: any thread sets bw_limit. */
 	_Atomic uint64_t bw_limit;
-	uint64_t bw_seen, bw_t0, bw_b0;   /* the limit paced against, since when */
+	struct pacer pace;                /* the migration thread's writer */
+	/* --channels: [0] unused (the migration thread's own connection). */
+	struct src_channel ch[VMIG_MIGRATE_MAX_CHANNELS];
+	unsigned int nr_ch;               /* channels in all, 1.. */
+	uint64_t session;
+	pthread_cond_t ch_cond;           /* with lock: work given, work done */
+	bool ch_quit;                     /* under lock */
+	atomic_bool ch_abort;             /* a sender failed: the others stop */
 	/* Auto-converge. */
 	unsigned int throttle;            /* % we set on the VM */
 	unsigned int hot_iters;           /* passes in a row dirtying too fast */
@@ -157,6 +191,8 @@ struct json_object *vmig_migrate_stats_json(const struct vmig_migrate_stats *s)
 	return o;
 }
 
+static void total_stats(struct vmig_migration *m, struct vmig_stream_stats *out);
+
 static void notify(struct vmig_migration *m)
 {
 	uint64_t one = 1;
@@ -175,8 +211,8 @@ static void publish(struct vmig_migration *m, enum vmig_migrate_status status)
 	m->stats.status = status;
 	m->stats.total_ms = (now - m->start_ns) / 1000000;
 	if (m->w) {
-		vmig_stream_writer_stats(m->w, &ws);
-		m->stats.transferred_bytes = ws.bytes + ws.pending;
+		total_stats(m, &ws);
+		m->stats.transferred_bytes = ws.bytes;
 		m->stats.pages_zero = ws.pages_zero;
 		m->stats.pages_raw = ws.pages_raw;
 		m->stats.pages_lz4 = ws.pages_lz4;
@@ -309,10 +345,21 @@ static int wait_ack(struct vmig_migration *m, uint64_t iter)
 	}
 }
 
+/*
+ * A write failed: a destination that refused (NACK) and hung up has said
+ * why, and that reason, not "connection reset", is the one to report.
+ */
+static void peer_reason(struct vmig_migration *m)
+{
+	if (!m->err.code && m->r && !m->committed)
+		check_peer(m);
+}
+
 static int writer_error(struct vmig_migration *m, int ret)
 {
 	const struct vmig_err *we = vmig_stream_writer_err(m->w);
 
+	peer_reason(m);
 	if (we && we->code)
 		vmig_err_set(&m->err, we->code, "%s", we->msg);
 	else
@@ -320,45 +367,46 @@ static int writer_error(struct vmig_migration *m, int ret)
 	return ret;
 }
 
-/* Restart the --bandwidth pacing window (each pass, and on a new limit). */
-static void pace_reset(struct vmig_migration *m)
+static uint64_t writer_bytes(struct vmig_stream_writer *w)
 {
 	struct vmig_stream_stats ws;
 
-	vmig_stream_writer_stats(m->w, &ws);
-	m->bw_t0 = vmig__now_ns();
-	m->bw_b0 = ws.bytes + ws.pending;
-	m->bw_seen = atomic_load(&m->bw_limit);
+	vmig_stream_writer_stats(w, &ws);
+	return ws.bytes + ws.pending;
+}
+
+/* Restart a --bandwidth pacing window (each pass, and on a new limit). */
+static void pace_reset(struct vmig_migration *m, struct pacer *pc, struct vmig_stream_writer *w)
+{
+	pc->t0 = vmig__now_ns();
+	pc->b0 = writer_bytes(w);
+	pc->seen = atomic_load(&m->bw_limit);
 }
 
 /*
- * --bandwidth: sleep until the bytes produced since the window began are
- * due at the limit.  The final pass (VM paused) is never held back: there
- * the guest is down and the fastest copy is the shortest downtime.
+ * --bandwidth: sleep until the bytes @w produced since the window began
+ * are due at the sender's share of the limit (channels split it evenly).
+ * The final pass (VM paused) is never held back: there the guest is down
+ * and the fastest copy is the shortest downtime.
  */
-static int pace(struct vmig_migration *m)
+static int pace(struct vmig_migration *m, struct pacer *pc, struct vmig_stream_writer *w)
 {
-	struct vmig_stream_stats ws;
-	uint64_t limit = atomic_load(&m->bw_limit), now, due, bytes;
+	uint64_t limit = atomic_load(&m->bw_limit), now, due, share;
 
 	if (!limit || m->paused_here)
 		return 0;
-	if (limit != m->bw_seen) {
-		pace_reset(m);
-		pthread_mutex_lock(&m->lock);
-		m->stats.bandwidth_limit_bps = limit;
-		pthread_mutex_unlock(&m->lock);
+	if (limit != pc->seen) {
+		pace_reset(m, pc, w);
 		return 0;
 	}
-	vmig_stream_writer_stats(m->w, &ws);
-	bytes = ws.bytes + ws.pending - m->bw_b0;
-	due = m->bw_t0 + (uint64_t)((double)bytes * 1e9 / (double)limit);
+	share = limit / m->nr_ch ? limit / m->nr_ch : 1;
+	due = pc->t0 + (uint64_t)((double)(writer_bytes(w) - pc->b0) * 1e9 / (double)share);
 	while ((now = vmig__now_ns()) < due) {
 		uint64_t ns = due - now > 50000000ull ? 50000000ull : due - now;
 		struct timespec ts = { 0, (long)ns };
 
 		nanosleep(&ts, NULL);
-		if (cancelled(m))
+		if (atomic_load(&m->cancel))
 			return -ECANCELED;
 		if (atomic_load(&m->bw_limit) != limit)
 			return 0;               /* changed: the next call restarts */
@@ -409,7 +457,9 @@ static int send_dirty(struct vmig_migration *m, uint64_t *sent)
 					return -ECANCELED;
 				ret = check_peer(m);
 				if (!ret)
-					ret = pace(m);
+					ret = pace(m, &m->pace, m->w);
+				if (ret == -ECANCELED)
+					cancelled(m);
 				if (ret)
 					return ret;
 				if (vmig__now_ns() - m->last_progress_ns > PROGRESS_NS) {
@@ -425,6 +475,306 @@ static int send_dirty(struct vmig_migration *m, uint64_t *sent)
 	}
 	*sent = n;
 	return 0;
+}
+
+/* ---- channels ----------------------------------------------------------
+ *
+ * With --channels N the pages of each pass are split by stripes of
+ * STRIPE_PAGES (2 MiB of RAM, eight bitmap words) among the migration
+ * thread's own connection and N - 1 extra ones, each sent by its own thread
+ * with its own writer (and so its own compression and checksums).  A page
+ * always travels on the same connection (its stripe's), so two copies of
+ * it arrive in the order they were sent.  On top of that, each sender ends
+ * its share of pass k with ITER_END(k) on its connection and the
+ * destination applies no page of pass k + 1 on any connection before every
+ * connection has reached ITER_END(k) (see dst.c): ITER_DONE and the final
+ * pass then mean what they say for all connections.  Control records (CONFIG, STATE,
+ * SWITCHOVER, the handoff) stay on the first connection.
+ *
+ * The dirty bitmap is shared: during a pass each sender reads and clears
+ * only the words of its own stripes; the migration thread re-arms the
+ * whole log before the pass starts (one clear per region), since a single
+ * thread must do that.
+ */
+#define STRIPE_PAGES 512u
+#define STRIPE_WORDS (STRIPE_PAGES / VMIG_BITS_PER_LONG)
+
+/* Totals over every writer: the thread's own and the channels' snapshots. */
+static void total_stats(struct vmig_migration *m, struct vmig_stream_stats *out)
+{
+	unsigned int i;
+
+	vmig_stream_writer_stats(m->w, out);
+	out->bytes += out->pending;
+	out->pending = 0;
+	for (i = 1; i < m->nr_ch; i++) {        /* under m->lock, or joined */
+		out->bytes += m->ch[i].ws.bytes + m->ch[i].ws.pending;
+		out->pages_zero += m->ch[i].ws.pages_zero;
+		out->pages_raw += m->ch[i].ws.pages_raw;
+		out->pages_lz4 += m->ch[i].ws.pages_lz4;
+	}
+}
+
+/*
+ * Send the dirty pages of stripe set @c (of m->nr_ch) with @w, clearing
+ * their bits.  Any sender thread; touches only its own bitmap words.
+ */
+static int send_stripes(struct vmig_migration *m, unsigned int c, struct vmig_stream_writer *w,
+			struct pacer *pc, uint64_t *sent)
+{
+	unsigned int n = m->nr_ch, ri;
+	uint64_t count = 0, batches = 0;
+	int ret;
+
+	for (ri = 0; ri < m->nr_regions; ri++) {
+		uint64_t first = m->regions[ri].first_page, end = first + m->regions[ri].nr_pages;
+		uint64_t wi = first / VMIG_BITS_PER_LONG;
+		uint64_t wend = (end + VMIG_BITS_PER_LONG - 1) / VMIG_BITS_PER_LONG;
+
+		for (; wi < wend; wi++) {
+			unsigned long word;
+
+			if ((wi / STRIPE_WORDS) % n != c) {
+				/* To the next stripe of ours. */
+				wi = (wi / STRIPE_WORDS + 1) * STRIPE_WORDS - 1;
+				continue;
+			}
+			word = m->dirty.words[wi];
+			if (!word)
+				continue;
+			m->dirty.words[wi] = 0;
+			while (word) {
+				uint64_t p = wi * VMIG_BITS_PER_LONG + (uint64_t)__builtin_ctzl(word);
+
+				word &= word - 1;
+				if (p < first || p >= end)
+					continue;   /* a neighbour region's: never, they are aligned */
+				ret = vmig_stream_add_page(w, m->regions[ri].gpa +
+							   (p - first) * PAGE_SIZE,
+							   m->regions[ri].hva + (p - first) * PAGE_SIZE,
+							   m->p.compress);
+				if (ret)
+					return ret;
+				count++;
+			}
+			if ((count >> 10) != batches) {
+				batches = count >> 10;
+				if (atomic_load(&m->cancel) || atomic_load(&m->ch_abort))
+					return -ECANCELED;
+				ret = pace(m, pc, w);
+				if (ret)
+					return ret;
+			}
+		}
+	}
+	*sent = count;
+	return 0;
+}
+
+static void *channel_thread(void *arg)
+{
+	struct src_channel *ch = arg;
+	struct vmig_migration *m = ch->m;
+	uint64_t iter, sent = 0;
+	bool last;
+	int ret;
+
+	pthread_mutex_lock(&m->lock);
+	for (;;) {
+		while (!m->ch_quit && ch->work_iter == ch->done_iter)
+			pthread_cond_wait(&m->ch_cond, &m->lock);
+		if (m->ch_quit)
+			break;
+		iter = ch->work_iter;
+		last = ch->last;
+		pthread_mutex_unlock(&m->lock);
+
+		pace_reset(m, &ch->pace, ch->w);
+		ret = send_stripes(m, ch->index, ch->w, &ch->pace, &sent);
+		if (!ret)
+			ret = vmig_stream_write_iter_end(ch->w, iter, sent);
+		if (!ret)
+			ret = last ? vmig_stream_finish(ch->w) : vmig_stream_flush(ch->w);
+
+		pthread_mutex_lock(&m->lock);
+		vmig_stream_writer_stats(ch->w, &ch->ws);
+		ch->sent = sent;
+		ch->done_iter = iter;
+		if (ret && !ch->error) {
+			const struct vmig_err *we = vmig_stream_writer_err(ch->w);
+
+			ch->error = ret;
+			if (ret == -ECANCELED)
+				vmig_err_set(&ch->err, ret, "cancelled on request");
+			else if (we && we->code)
+				vmig_err_set(&ch->err, we->code, "channel %u: %s", ch->index, we->msg);
+			else
+				vmig_err_set(&ch->err, ret, "channel %u: %s", ch->index,
+					     strerror(-ret));
+		}
+		pthread_cond_broadcast(&m->ch_cond);
+		if (ret)
+			break;
+	}
+	pthread_mutex_unlock(&m->lock);
+	return NULL;
+}
+
+/* Connect and start the extra channels (setup, after CONFIG went out). */
+static int channels_open(struct vmig_migration *m)
+{
+	unsigned int i;
+	int ret;
+
+	for (i = 1; i < m->nr_ch; i++) {
+		struct src_channel *ch = &m->ch[i];
+
+		ch->m = m;
+		ch->index = i;
+		ret = vmig_transport_connect(m->uri, CONNECT_TIMEOUT_MS, &ch->t, &m->err);
+		if (ret)
+			return ret;
+		vmig_transport_set_timeout(ch->t, IO_TIMEOUT_MS);
+		ret = vmig_stream_writer_create(ch->t, VMIG_STREAM_FORWARD, &ch->w);
+		if (ret) {
+			vmig_err_set(&m->err, ret, "out of memory");
+			return ret;
+		}
+		ret = vmig_stream_write_header(ch->w);
+		if (!ret)
+			ret = vmig_stream_write_channel(ch->w, m->session, i, m->nr_ch);
+		if (!ret)
+			ret = vmig_stream_flush(ch->w);
+		if (ret) {
+			const struct vmig_err *we = vmig_stream_writer_err(ch->w);
+
+			vmig_err_set(&m->err, ret, "channel %u: %s", i,
+				     we && we->code ? we->msg : strerror(-ret));
+			return ret;
+		}
+		ret = -pthread_create(&ch->thread, NULL, channel_thread, ch);
+		if (ret) {
+			vmig_err_set(&m->err, ret, "cannot start a channel thread: %s",
+				     strerror(-ret));
+			return ret;
+		}
+		ch->started = true;
+	}
+	return 0;
+}
+
+/* Stop and join the channel threads, close their connections. */
+static void channels_close(struct vmig_migration *m)
+{
+	unsigned int i;
+
+	pthread_mutex_lock(&m->lock);
+	m->ch_quit = true;
+	pthread_cond_broadcast(&m->ch_cond);
+	pthread_mutex_unlock(&m->lock);
+	for (i = 1; i < m->nr_ch; i++) {
+		struct src_channel *ch = &m->ch[i];
+
+		/* A thread blocked writing to a dead peer: unblock it. */
+		if (ch->started && ch->t && vmig_transport_fd(ch->t) >= 0)
+			shutdown(vmig_transport_fd(ch->t), SHUT_RDWR);
+		if (ch->started)
+			pthread_join(ch->thread, NULL);
+		ch->started = false;
+		vmig_stream_writer_destroy(ch->w);
+		vmig_transport_close(ch->t);
+		ch->w = NULL;
+		ch->t = NULL;
+	}
+}
+
+/*
+ * One pass (iteration @iter; @last: the final one, VM paused): every page
+ * in m->dirty goes out, over every channel.  *@sent: pages sent.
+ */
+static int send_pass(struct vmig_migration *m, uint64_t iter, bool last, uint64_t *sent)
+{
+	uint64_t mine = 0, total;
+	unsigned int i;
+	int ret = 0, waited = 0;
+
+	if (m->nr_ch <= 1)
+		return send_dirty(m, sent);
+
+	/* Re-arm everything reported before any page is read (one thread). */
+	for (i = 0; i < m->nr_regions && !ret; i++)
+		ret = vmig_dirtylog_clear(m->dl, m->regions[i].first_page,
+					  m->regions[i].nr_pages, &m->err);
+	if (ret)
+		return ret;
+	pthread_mutex_lock(&m->lock);
+	for (i = 1; i < m->nr_ch; i++) {
+		m->ch[i].work_iter = iter;
+		m->ch[i].last = last;
+	}
+	pthread_cond_broadcast(&m->ch_cond);
+	pthread_mutex_unlock(&m->lock);
+
+	ret = send_stripes(m, 0, m->w, &m->pace, &mine);
+	if (ret == -ECANCELED)
+		cancelled(m);
+	else if (ret)
+		ret = writer_error(m, ret);
+
+	/* Wait for the channels; keep reading the destination's replies. */
+	pthread_mutex_lock(&m->lock);
+	for (;;) {
+		bool done = true;
+
+		for (i = 1; i < m->nr_ch; i++) {
+			if (m->ch[i].error) {
+				if (!ret) {
+					pthread_mutex_unlock(&m->lock);
+					peer_reason(m);
+					pthread_mutex_lock(&m->lock);
+					if (!m->err.code)
+						m->err = m->ch[i].err;
+					ret = m->ch[i].error;
+				}
+			} else if (m->ch[i].done_iter < iter) {
+				done = false;
+			}
+		}
+		if (ret) {
+			/* Stop the others: they may be blocked on a dead peer. */
+			atomic_store(&m->ch_abort, true);
+			if (!done) {
+				pthread_mutex_unlock(&m->lock);
+				channels_close(m);
+				pthread_mutex_lock(&m->lock);
+			}
+			break;
+		}
+		if (done)
+			break;
+		{
+			struct timespec ts;
+
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_nsec += 50000000;
+			if (ts.tv_nsec >= 1000000000L) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000L;
+			}
+			pthread_cond_timedwait(&m->ch_cond, &m->lock, &ts);
+		}
+		if (++waited % 4 == 0) {
+			pthread_mutex_unlock(&m->lock);
+			ret = cancelled(m) ? -ECANCELED : check_peer(m);
+			pthread_mutex_lock(&m->lock);
+		}
+	}
+	total = mine;
+	for (i = 1; i < m->nr_ch; i++)
+		total += m->ch[i].sent;
+	pthread_mutex_unlock(&m->lock);
+	*sent = total;
+	return ret;
 }
 
 static int emit_state(void *arg, const char *name, uint16_t version, uint32_t instance,
@@ -625,6 +975,10 @@ static int setup(struct vmig_migration *m)
 	if (ret)
 		return writer_error(m, ret);
 	cfg = vmig__config_build(m->vm, m->was_running, m->p.resume_dst, !m->is_file);
+	if (m->nr_ch > 1) {
+		json_object_object_add(cfg, "channels", json_object_new_int((int)m->nr_ch));
+		json_object_object_add(cfg, "session", json_object_new_uint64(m->session));
+	}
 	ret = vmig_stream_write_config(m->w, cfg);
 	json_object_put(cfg);
 	/* Tell the destination early which RAM is coming, so it can fault
@@ -635,7 +989,9 @@ static int setup(struct vmig_migration *m)
 	m->extents = NULL;
 	if (!ret)
 		ret = vmig_stream_flush(m->w);
-	return ret ? writer_error(m, ret) : 0;
+	if (ret)
+		return writer_error(m, ret);
+	return m->nr_ch > 1 ? channels_open(m) : 0;
 }
 
 /* Fold a fresh sync into m->dirty; returns the dirty count. */
@@ -699,8 +1055,10 @@ static int precopy(struct vmig_migration *m)
 
 	for (;;) {
 		iter++;
-		vmig_stream_writer_stats(m->w, &ws);
-		b0 = ws.bytes + ws.pending;
+		pthread_mutex_lock(&m->lock);
+		total_stats(m, &ws);
+		pthread_mutex_unlock(&m->lock);
+		b0 = ws.bytes;
 		t0 = vmig__now_ns();
 		pthread_mutex_lock(&m->lock);
 		m->stats.iteration = iter;
@@ -708,8 +1066,8 @@ static int precopy(struct vmig_migration *m)
 		m->bytes_per_page = bpp;
 		pthread_mutex_unlock(&m->lock);
 
-		pace_reset(m);
-		ret = send_dirty(m, &sent);
+		pace_reset(m, &m->pace, m->w);
+		ret = send_pass(m, iter, false, &sent);
 		if (!ret)
 			ret = vmig_stream_write_iter_end(m->w, iter, sent);
 		if (!ret)
@@ -726,8 +1084,10 @@ static int precopy(struct vmig_migration *m)
 			nanosleep(&ts, NULL);
 			dt = vmig__now_ns() - t0;
 		}
-		vmig_stream_writer_stats(m->w, &ws);
-		bytes = ws.bytes + ws.pending - b0;
+		pthread_mutex_lock(&m->lock);
+		total_stats(m, &ws);
+		pthread_mutex_unlock(&m->lock);
+		bytes = ws.bytes - b0;
 		if (sent)
 			bpp = bytes / sent ? bytes / sent : 1;
 		ret = sync_dirty(m, &dirty);
@@ -844,7 +1204,7 @@ static int switchover(struct vmig_migration *m)
 		 (vmig__now_ns() - m->pause_ns) / 1000);
 	ret = sync_dirty(m, &dirty);
 	if (!ret)
-		ret = send_dirty(m, &sent);
+		ret = send_pass(m, m->stats.iteration + 1, true, &sent);
 	if (!ret)
 		ret = vmig_stream_write_iter_end(m->w, m->stats.iteration + 1, sent);
 	if (ret)
@@ -918,6 +1278,7 @@ static void teardown(struct vmig_migration *m)
 {
 	struct vmig_err ignore = { 0 };
 
+	channels_close(m);
 	/* Whoever runs the VM next (here after a failure) runs it at full speed. */
 	if (m->throttle) {
 		vmig_vm_set_throttle(m->vm, 0);
@@ -1015,6 +1376,16 @@ int vmig_migrate_src_start(struct vmig_vm *vm, const struct vmig_migrate_params 
 			     "unix:PATH, ssh://[USER@]HOST[:PORT] or file:PATH", p->uri);
 		return -EINVAL;
 	}
+	if (p->channels > VMIG_MIGRATE_MAX_CHANNELS) {
+		vmig_err_set(err, -EINVAL, "%u channels: at most %u", p->channels,
+			     VMIG_MIGRATE_MAX_CHANNELS);
+		return -EINVAL;
+	}
+	if (p->channels > 1 && uri.kind != VMIG_URI_TCP && uri.kind != VMIG_URI_UNIX) {
+		vmig_err_set(err, -EINVAL, "several channels need tcp:// or unix: (not %s)",
+			     uri.kind == VMIG_URI_FILE ? "a file" : "ssh://");
+		return -EINVAL;
+	}
 	m = calloc(1, sizeof(*m));
 	if (!m)
 		return -ENOMEM;
@@ -1035,6 +1406,15 @@ int vmig_migrate_src_start(struct vmig_vm *vm, const struct vmig_migrate_params 
 	m->stats.status = VMIG_MIGRATE_SETUP;
 	atomic_init(&m->bw_limit, p->bandwidth_bps);
 	m->stats.bandwidth_limit_bps = p->bandwidth_bps;
+	pthread_cond_init(&m->ch_cond, NULL);
+	m->nr_ch = p->channels > 1 ? p->channels : 1;
+	if (m->nr_ch > 1) {
+		struct timespec ts;
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		m->session = ((uint64_t)getpid() << 32) ^ (uint64_t)ts.tv_nsec ^
+			     ((uint64_t)ts.tv_sec << 20) ^ (uintptr_t)m;
+	}
 	if (!m->uri || m->event_fd < 0) {
 		ret = m->uri ? -errno : -ENOMEM;
 		goto fail;
@@ -1060,6 +1440,7 @@ fail:
 	vmig_err_set(err, ret, "cannot start the migration: %s", strerror(-ret));
 	if (m->event_fd >= 0)
 		close(m->event_fd);
+	pthread_cond_destroy(&m->ch_cond);
 	pthread_mutex_destroy(&m->lock);
 	free(m->uri);
 	free((void *)m->p.ssh);
@@ -1084,6 +1465,9 @@ void vmig_migrate_src_stats(struct vmig_migration *m, struct vmig_migrate_stats 
 void vmig_migrate_src_set_bandwidth(struct vmig_migration *m, uint64_t bps)
 {
 	atomic_store(&m->bw_limit, bps);
+	pthread_mutex_lock(&m->lock);
+	m->stats.bandwidth_limit_bps = bps;
+	pthread_mutex_unlock(&m->lock);
 }
 
 void vmig_migrate_src_cancel(struct vmig_migration *m)
@@ -1104,6 +1488,7 @@ enum vmig_migrate_status vmig_migrate_src_finish(struct vmig_migration *m,
 	s = m->stats.status;
 	pthread_mutex_unlock(&m->lock);
 	close(m->event_fd);
+	pthread_cond_destroy(&m->ch_cond);
 	pthread_mutex_destroy(&m->lock);
 	free(m->uri);
 	free((void *)m->p.ssh);

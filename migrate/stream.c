@@ -113,6 +113,7 @@ const char *vmig_stream_rec_name(uint32_t type)
 	case VMIG_REC_END: return "END";
 	case VMIG_REC_ERROR: return "ERROR";
 	case VMIG_REC_EXTENTS: return "EXTENTS";
+	case VMIG_REC_CHANNEL: return "CHANNEL";
 	case VMIG_REC_READY: return "READY";
 	case VMIG_REC_RUNNING: return "RUNNING";
 	case VMIG_REC_NACK: return "NACK";
@@ -135,7 +136,7 @@ static const char *type_str(uint32_t type, char *buf, size_t len)
 
 static bool type_forward(uint32_t type)
 {
-	return type >= VMIG_REC_CONFIG && type <= VMIG_REC_EXTENTS;
+	return type >= VMIG_REC_CONFIG && type <= VMIG_REC_CHANNEL;
 }
 
 static bool type_reverse(uint32_t type)
@@ -161,7 +162,8 @@ static uint64_t type_max_len(uint32_t type)
 	case VMIG_REC_CONFIG: return VMIG_STREAM_MAX_CONFIG;
 	case VMIG_REC_PAGES: return VMIG_STREAM_MAX_PAGES_BODY;
 	case VMIG_REC_ITER_END:
-	case VMIG_REC_ITER_DONE: return 16;
+	case VMIG_REC_ITER_DONE:
+	case VMIG_REC_CHANNEL: return 16;
 	case VMIG_REC_EXTENTS: return 8 + 16ull * VMIG_STREAM_MAX_EXTENTS;
 	case VMIG_REC_ERROR:
 	case VMIG_REC_NACK: return 4 + VMIG_STREAM_MAX_MESSAGE;
@@ -532,6 +534,19 @@ int vmig_stream_write_iter_end(struct vmig_stream_writer *w, uint64_t iter,
 	put_le64(b, iter);
 	put_le64(b + 8, pages);
 	return vmig_stream_write_record(w, VMIG_REC_ITER_END, 0, b, sizeof(b));
+}
+
+int vmig_stream_write_channel(struct vmig_stream_writer *w, uint64_t session,
+			      uint32_t index, uint32_t count)
+{
+	uint8_t b[16];
+
+	if (index < 1 || index >= count)
+		return -EINVAL;
+	put_le64(b, session);
+	put_le32(b + 8, index);
+	put_le32(b + 12, count);
+	return vmig_stream_write_record(w, VMIG_REC_CHANNEL, 0, b, sizeof(b));
 }
 
 int vmig_stream_write_extents(struct vmig_stream_writer *w,
@@ -1010,6 +1025,17 @@ static int body_check(const struct vmig_record *rec, struct page_counts *pc,
 		if (rec->len != 16)
 			return bad(err, -EPROTO, rec, "body is %zu bytes (expected 16)", rec->len);
 		return 0;
+	case VMIG_REC_CHANNEL: {
+		const uint8_t *b = rec->body;
+
+		if (rec->len != 16)
+			return bad(err, -EPROTO, rec, "body is %zu bytes (expected 16)", rec->len);
+		if (get_le32(b + 12) < 2 || get_le32(b + 8) < 1 ||
+		    get_le32(b + 8) >= get_le32(b + 12))
+			return bad(err, -EPROTO, rec, "channel %u of %u is out of range",
+				   get_le32(b + 8), get_le32(b + 12));
+		return 0;
+	}
 	case VMIG_REC_CONFIG:
 		if (rec->len == 0)
 			return bad(err, -EPROTO, rec, "body is empty (expected a JSON object)");
@@ -1479,6 +1505,23 @@ int vmig_stream_parse_iter_end(const struct vmig_record *rec, uint64_t *iter,
 		return ret;
 	*iter = get_le64(rec->body);
 	*pages = get_le64((const uint8_t *)rec->body + 8);
+	return 0;
+}
+
+int vmig_stream_parse_channel(const struct vmig_record *rec, uint64_t *session,
+			      uint32_t *index, uint32_t *count, struct vmig_err *err)
+{
+	const uint8_t *b = rec->body;
+	int ret = expect_type(rec, VMIG_REC_CHANNEL, err);
+
+	if (ret < 0)
+		return ret;
+	ret = body_check(rec, NULL, err);
+	if (ret < 0)
+		return ret;
+	*session = get_le64(b);
+	*index = get_le32(b + 8);
+	*count = get_le32(b + 12);
 	return 0;
 }
 

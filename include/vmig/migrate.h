@@ -28,6 +28,8 @@ struct vmig_transport;
 struct vmig_migration;
 struct json_object;
 
+#define VMIG_MIGRATE_MAX_CHANNELS 8u
+
 enum vmig_on_timeout {
 	VMIG_ON_TIMEOUT_CANCEL,     /* give up, the VM keeps running here */
 	VMIG_ON_TIMEOUT_FORCE,      /* switch over now, whatever the downtime */
@@ -44,6 +46,11 @@ struct vmig_migrate_params {
 	uint32_t timeout_s;         /* 0 = none */
 	enum vmig_on_timeout on_timeout;
 	enum vmig_compress compress;  /* NONE, LZ4 or AUTO (stream.h) */
+	/*
+	 * Connections carrying pages, each with its own sending thread
+	 * (tcp:// and unix: only); 0 or 1: the one connection.
+	 */
+	unsigned int channels;
 	uint64_t bandwidth_bps;     /* pre-copy cap, bytes/s; 0 = none */
 	/*
 	 * Auto-converge: when the guest dirties memory faster than the link
@@ -127,6 +134,12 @@ struct vmig_dst_params {
 	 */
 	int (*claim)(void *arg, const char *name, struct vmig_err *err);
 	void *claim_arg;
+	/*
+	 * Where the source's extra channels connect (the listener the first
+	 * connection came from), or NULL: then a source asking for more than
+	 * one channel is refused.  Borrowed.
+	 */
+	struct vmig_listener *listener;
 	/*
 	 * Optional, called before each record and before READY: non-zero
 	 * (with @err set) abandons the migration before the handoff, e.g. on

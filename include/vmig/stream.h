@@ -74,6 +74,7 @@ enum vmig_rec_type {
 	VMIG_REC_END = 7,
 	VMIG_REC_ERROR = 8,
 	VMIG_REC_EXTENTS = 9,        /* optional: RAM the first pass will fill */
+	VMIG_REC_CHANNEL = 10,       /* first record of an extra connection */
 	/* reverse: destination -> source */
 	VMIG_REC_READY = 0x10,
 	VMIG_REC_RUNNING = 0x11,
@@ -161,6 +162,13 @@ int vmig_stream_write_config(struct vmig_stream_writer *w,
 /* ITER_END: iteration @iter ended after @pages pages. */
 int vmig_stream_write_iter_end(struct vmig_stream_writer *w, uint64_t iter,
 			       uint64_t pages);
+
+/*
+ * CHANNEL: this connection is channel @index (1..@count-1) of the
+ * migration whose CONFIG named @session and @count channels.
+ */
+int vmig_stream_write_channel(struct vmig_stream_writer *w, uint64_t session,
+			      uint32_t index, uint32_t count);
 
 /* A range of guest-physical RAM, page aligned. */
 struct vmig_stream_extent {
@@ -290,6 +298,8 @@ int vmig_stream_parse_config(const struct vmig_record *rec,
 
 int vmig_stream_parse_iter_end(const struct vmig_record *rec, uint64_t *iter,
 			       uint64_t *pages, struct vmig_err *err);
+int vmig_stream_parse_channel(const struct vmig_record *rec, uint64_t *session,
+			      uint32_t *index, uint32_t *count, struct vmig_err *err);
 
 /*
  * EXTENTS -> up to @max ranges in @out (the record's count in *@n; -EPROTO

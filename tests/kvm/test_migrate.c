@@ -51,6 +51,7 @@ static enum vmig_migrate_status migrate_p(struct vmig_vm *vm, struct vmig_migrat
 					  int cancel_after_ms, struct vmig_migrate_stats *st);
 
 static enum vmig_compress compress_mode = VMIG_COMPRESS_LZ4;
+static unsigned int channels_mode = 1;
 
 static enum vmig_migrate_status migrate(struct vmig_vm *vm, const char *uri,
 					uint32_t downtime_ms, int cancel_after_ms,
@@ -58,6 +59,7 @@ static enum vmig_migrate_status migrate(struct vmig_vm *vm, const char *uri,
 {
 	struct vmig_migrate_params p = {
 		.uri = uri, .max_downtime_ms = downtime_ms, .compress = compress_mode,
+		.channels = channels_mode,
 	};
 
 	return migrate_p(vm, p, cancel_after_ms, st);
@@ -117,6 +119,7 @@ struct dst_ctx {
 	struct vmig_listener *l;
 	bool paused;
 	bool live;
+	bool no_channels;             /* do not offer the listener for channels */
 	struct vmig_transport *t;     /* file restore: given */
 	struct vmig_vm *vm;           /* result */
 	int ret;
@@ -129,6 +132,9 @@ static void *dst_main(void *arg)
 	struct dst_ctx *d = arg;
 	struct vmig_dst_params p = { .console_fd = -1, .paused = d->paused, .live = d->live };
 	struct vmig_transport *t = d->t;
+
+	if (!d->no_channels)
+		p.listener = d->l;
 
 	if (!t) {
 		d->ret = vmig_transport_accept(d->l, 30000, &t, &d->err);
@@ -256,7 +262,7 @@ static void check_continues(struct vmig_vm *src, struct vmig_vm *dst, unsigned i
 }
 
 static void migrate_case(unsigned int vcpus, bool tcp, const char *workload,
-			 enum vmig_compress compress)
+			 enum vmig_compress compress, unsigned int channels)
 {
 	struct vmig_vm *src = make_vm(128 << 20, vcpus, workload);
 	struct dst_ctx d = { .paused = true };
@@ -267,15 +273,17 @@ static void migrate_case(unsigned int vcpus, bool tcp, const char *workload,
 	kvm_test_sleep_ms(200);
 	dst_listen(&d, tcp);
 	compress_mode = compress;
+	channels_mode = channels;
 	s = migrate(src, d.uri, 300, -1, &st);
+	channels_mode = 1;
 	dst_join(&d);
 	ck_assert_msg(s == VMIG_MIGRATE_COMPLETED, "status %s: %s",
 		      vmig_migrate_status_name(s), st.error);
 	ck_assert_msg(d.ret == 0, "destination: %s", d.err.msg);
 	ck_assert_int_eq(vmig_vm_state(src), VMIG_VM_PAUSED);
-	printf("%u vCPU(s) over %s, %s, compress %d: %" PRIu64 " ms, downtime %" PRIu64
+	printf("%u vCPU(s) over %s x%u, %s, compress %d: %" PRIu64 " ms, downtime %" PRIu64
 	       " ms, %" PRIu64 " bytes, %" PRIu64 " iterations, pages %" PRIu64 " zero %"
-	       PRIu64 " raw %" PRIu64 " lz4\n", vcpus, tcp ? "tcp" : "unix", workload,
+	       PRIu64 " raw %" PRIu64 " lz4\n", vcpus, tcp ? "tcp" : "unix", channels, workload,
 	       (int)compress, st.total_ms, st.downtime_ms, st.transferred_bytes, st.iteration,
 	       st.pages_zero, st.pages_raw, st.pages_lz4);
 	if (compress == VMIG_COMPRESS_NONE)
@@ -292,20 +300,26 @@ static const struct {
 	bool tcp;
 	const char *workload;
 	enum vmig_compress compress;
+	unsigned int channels;
 } cases[] = {
-	{ 1, true,  "rate=1,wss=1M,quiet", VMIG_COMPRESS_LZ4 },
-	{ 1, false, "rate=1,wss=1M,quiet", VMIG_COMPRESS_AUTO },
-	{ 2, true,  "rate=1,wss=1M,quiet", VMIG_COMPRESS_NONE },
-	{ 2, false, "rate=1,wss=1M,quiet", VMIG_COMPRESS_LZ4 },
-	{ 1, true,  "rate=max,wss=16M,quiet", VMIG_COMPRESS_AUTO },
-	{ 1, false, "rate=max,wss=16M,quiet", VMIG_COMPRESS_NONE },
-	{ 2, true,  "rate=max,wss=8M,quiet", VMIG_COMPRESS_LZ4 },
-	{ 2, false, "rate=max,wss=8M,quiet", VMIG_COMPRESS_AUTO },
+	{ 1, true,  "rate=1,wss=1M,quiet", VMIG_COMPRESS_LZ4, 1 },
+	{ 1, false, "rate=1,wss=1M,quiet", VMIG_COMPRESS_AUTO, 1 },
+	{ 2, true,  "rate=1,wss=1M,quiet", VMIG_COMPRESS_NONE, 1 },
+	{ 2, false, "rate=1,wss=1M,quiet", VMIG_COMPRESS_LZ4, 1 },
+	{ 1, true,  "rate=max,wss=16M,quiet", VMIG_COMPRESS_AUTO, 1 },
+	{ 1, false, "rate=max,wss=16M,quiet", VMIG_COMPRESS_NONE, 1 },
+	{ 2, true,  "rate=max,wss=8M,quiet", VMIG_COMPRESS_LZ4, 1 },
+	{ 2, false, "rate=max,wss=8M,quiet", VMIG_COMPRESS_AUTO, 1 },
+	/* Several channels: pages of one pass spread, passes kept in order. */
+	{ 1, true,  "rate=max,wss=16M,quiet", VMIG_COMPRESS_NONE, 2 },
+	{ 2, false, "rate=max,wss=8M,quiet", VMIG_COMPRESS_AUTO, 3 },
+	{ 1, true,  "rate=20000,wss=24M,quiet", VMIG_COMPRESS_LZ4, 4 },
 };
 
 START_TEST(migrates_page_exact)
 {
-	migrate_case(cases[_i].vcpus, cases[_i].tcp, cases[_i].workload, cases[_i].compress);
+	migrate_case(cases[_i].vcpus, cases[_i].tcp, cases[_i].workload, cases[_i].compress,
+		     cases[_i].channels);
 }
 END_TEST
 
@@ -518,21 +532,67 @@ START_TEST(auto_converge_throttles)
 	kvm_test_sleep_ms(100);
 	ck_assert_uint_gt(pages_written(src), a);
 
-	/* On, to the end: it converges and the guest arrives whole. */
+	/* On, to the end, over two channels (many passes, each split in two
+	 * and paced at half the cap each): it converges and arrives whole. */
 	memset(&d, 0, sizeof(d));
 	d.paused = true;
 	dst_listen(&d, true);
 	p.uri = d.uri;
+	p.channels = 2;
 	ck_assert_int_eq(migrate_p(src, p, -1, &st), VMIG_MIGRATE_COMPLETED);
 	dst_join(&d);
 	ck_assert_msg(d.ret == 0, "destination: %s", d.err.msg);
 	printf("auto-converge: %" PRIu64 " ms, downtime %" PRIu64 " ms, %" PRIu64
-	       " iterations, throttle %u %%\n", st.total_ms, st.downtime_ms, st.iteration,
-	       st.throttle_pct);
+	       " iterations, throttle %u %%, %" PRIu64 " bytes\n", st.total_ms, st.downtime_ms,
+	       st.iteration, st.throttle_pct, st.transferred_bytes);
+	/* The cap held across both channels: 16 MiB/s, one pass at most unpaced. */
+	ck_assert_msg(st.transferred_bytes <= (st.total_ms + 1000) * (16ull << 20) / 1000,
+		      "%" PRIu64 " bytes in %" PRIu64 " ms at 16 MiB/s", st.transferred_bytes,
+		      st.total_ms);
 	ck_assert_uint_ge(st.throttle_pct, 50);
 	compare_memory(src, d.vm);
 	check_continues(src, d.vm, 1);
 	vmig_vm_destroy(d.vm);
+	vmig_vm_destroy(src);
+}
+END_TEST
+
+/*
+ * --channels to a destination that takes one connection (like incoming
+ * --stdio): it refuses before any page lands and the source runs on.
+ * Also: a file or ssh:// target refuses several channels at once.
+ */
+START_TEST(channels_refused_cleanly)
+{
+	struct vmig_vm *src = make_vm(64 << 20, 1, "rate=max,wss=4M,quiet");
+	struct vmig_migrate_params p = { .max_downtime_ms = 300, .channels = 2 };
+	struct vmig_migrate_stats st;
+	struct vmig_migration *m = NULL;
+	struct vmig_err err = { 0 };
+	struct dst_ctx d = { .paused = true, .no_channels = true };
+	char uri[300];
+	uint64_t a;
+
+	wait_guest(src, 1);
+	dst_listen(&d, true);
+	p.uri = d.uri;
+	ck_assert_int_eq(migrate_p(src, p, -1, &st), VMIG_MIGRATE_FAILED);
+	dst_join(&d);
+	ck_assert_msg(strstr(st.error, "takes one"), "%s", st.error);
+	ck_assert(d.ret != 0 && !d.vm);
+	ck_assert_int_eq(vmig_vm_state(src), VMIG_VM_RUNNING);
+	a = pages_written(src);
+	kvm_test_sleep_ms(100);
+	ck_assert_uint_gt(pages_written(src), a);
+
+	snprintf(uri, sizeof(uri), "file:%s/x.vmig", tmpdir);
+	p.uri = uri;
+	ck_assert_int_eq(vmig_migrate_src_start(src, &p, &m, &err), -EINVAL);
+	ck_assert_msg(strstr(err.msg, "several channels need tcp:// or unix:"), "%s", err.msg);
+	p.channels = VMIG_MIGRATE_MAX_CHANNELS + 1;
+	p.uri = "tcp://127.0.0.1:1";
+	vmig_err_clear(&err);
+	ck_assert_int_eq(vmig_migrate_src_start(src, &p, &m, &err), -EINVAL);
 	vmig_vm_destroy(src);
 }
 END_TEST
@@ -850,6 +910,7 @@ int main(void)
 	tcase_add_checked_fixture(fail, setup, teardown);
 	tcase_set_timeout(fail, 180);
 	tcase_add_test(fail, auto_converge_throttles);
+	tcase_add_test(fail, channels_refused_cleanly);
 	tcase_add_test(fail, cancel_keeps_source_running);
 	tcase_add_test(fail, destination_failures);
 	tcase_add_test(fail, lost_after_commit_is_uncertain);

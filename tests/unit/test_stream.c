@@ -388,7 +388,8 @@ START_TEST(test_rec_names)
 	ck_assert_str_eq(vmig_stream_rec_name(VMIG_REC_NACK), "NACK");
 	ck_assert_ptr_null(vmig_stream_rec_name(0));
 	ck_assert_str_eq(vmig_stream_rec_name(VMIG_REC_EXTENTS), "EXTENTS");
-	ck_assert_ptr_null(vmig_stream_rec_name(10));
+	ck_assert_str_eq(vmig_stream_rec_name(VMIG_REC_CHANNEL), "CHANNEL");
+	ck_assert_ptr_null(vmig_stream_rec_name(11));
 	ck_assert_str_eq(vmig_stream_rec_name(VMIG_REC_ITER_DONE), "ITER_DONE");
 	ck_assert_ptr_null(vmig_stream_rec_name(0x14));
 }

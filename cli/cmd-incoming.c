@@ -12,6 +12,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <signal.h>
@@ -40,6 +41,7 @@ struct in_opts {
 	const char *name;
 	bool detach;
 	bool paused, resume;
+	uint64_t prealloc;         /* --prealloc bytes, 0 = none */
 	int notify_fd;
 };
 
@@ -152,6 +154,7 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 	struct vmig_transport *t = NULL;
 	struct vmig_vm *vm = NULL;
 	struct cli_console *console = NULL;
+	struct vmig_prealloc *pa = NULL;
 	char msg[4096 + 512];
 	int sig_fd, listen_fd = -1, ret, code = VMIG_EXIT_ERROR;
 
@@ -162,6 +165,15 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 		goto fail_msg;
 	}
 	dp.console_fd = o->stdio ? STDERR_FILENO : STDOUT_FILENO;
+	/* Before listening: a source that connects finds the RAM ready. */
+	if (o->prealloc) {
+		ret = vmig_prealloc_create(o->prealloc, &pa, &err);
+		if (ret) {
+			snprintf(msg, sizeof(msg), "%s", err.msg[0] ? err.msg : strerror(-ret));
+			goto fail_msg;
+		}
+		dp.prealloc = pa;
+	}
 	if (o->file) {
 		ret = vmig_transport_open_file(o->file, false, &t, &err);
 	} else if (o->stdio) {
@@ -215,6 +227,11 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 	ret = vmig_migrate_dst_run(t, &dp, &vm, &err);
 	vmig_listener_close(l);
 	vmig_transport_close(t);
+	if (pa && !pa->used)
+		vmig_log(VMIG_LOG_WARN, "--prealloc: the VM needs more than the %" PRIu64
+			 " MiB preallocated; they were not used", o->prealloc >> 20);
+	vmig_prealloc_destroy(pa);
+	pa = NULL;
 	if (ret) {
 		snprintf(msg, sizeof(msg), "%s", err.msg[0] ? err.msg : strerror(-ret));
 		goto fail_msg;
@@ -275,6 +292,7 @@ out:
 		close(listen_fd);
 	}
 	vmig_vm_destroy(vm);
+	vmig_prealloc_destroy(pa);
 	if (claim.lock_fd >= 0) {
 		unlink(claim.paths.pid);
 		close(claim.lock_fd);
@@ -360,6 +378,7 @@ static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
 		{ "detach", no_argument,       NULL, 'd' },
 		{ "paused", no_argument,       NULL, 'p' },
 		{ "resume", no_argument,       NULL, 'r' },
+		{ "prealloc", required_argument, NULL, 'P' },
 		{ "help",   no_argument,       NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -371,7 +390,7 @@ static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
 	o->notify_fd = -1;
 	optind = 1;
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, ":l:sn:dprh", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":l:sn:dprP:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'l':
 			if (restore)
@@ -401,6 +420,12 @@ static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
 				return cli_usage_error(cmd, "unknown option '--resume'");
 			o->resume = true;
 			break;
+		case 'P':
+			if (vmig_size_parse(optarg, &o->prealloc) < 0 || !o->prealloc ||
+			    o->prealloc % (2u << 20))
+				return cli_usage_error(cmd, "bad --prealloc '%s': a size in MiB or "
+						       "GiB, a multiple of 2 MiB (e.g. 4G)", optarg);
+			break;
 		case 'h':
 			if (restore)
 				printf("Usage: vmig restore FILE [--name NAME] [--paused|--resume] [--detach]\n\n"
@@ -408,6 +433,7 @@ static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
 				       "  -n, --name NAME   name it NAME instead of its saved name\n"
 				       "  -p, --paused      keep it paused\n"
 				       "  -r, --resume      run it even if it was paused when saved\n"
+				       "      --prealloc SIZE  allocate SIZE of guest RAM before reading\n"
 				       "  -d, --detach      run in the background once it is restored\n");
 			else
 				printf("Usage: vmig incoming (--listen URI | --stdio) [--name NAME] [--detach]\n\n"
@@ -416,6 +442,8 @@ static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
 				       "  -l, --listen URI  tcp://HOST:PORT or unix:PATH\n"
 				       "  -s, --stdio       the stream on stdin/stdout (started through SSH)\n"
 				       "  -n, --name NAME   name the VM NAME instead of its name on the source\n"
+				       "      --prealloc SIZE  allocate and fault in SIZE of guest RAM before\n"
+				       "                    listening (at least the VM's memory size)\n"
 				       "  -d, --detach      return once listening; the VMM goes on in the background\n");
 			exit(VMIG_EXIT_OK);
 		case ':':

@@ -536,6 +536,7 @@ static int read_config(struct dst *d, const struct vmig_dst_params *p)
 	vc.workload = d->cfg.has_workload ? d->cfg.workload : NULL;
 	vc.console_fd = p->console_fd;
 	vc.incoming = true;
+	vc.prealloc = p->prealloc;
 	ret = vmig_vm_create(&vc, &d->vm, d->err);
 	if (ret)
 		return ret;

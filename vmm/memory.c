@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -88,6 +89,23 @@ int vmig__mem_create(struct vmig_vm *vm, struct vmig_err *err)
 		return -ENOMEM;
 	}
 
+	if (vm->cfg.prealloc && vm->cfg.prealloc->size >= size && vm->cfg.prealloc->fd >= 0) {
+		struct vmig_prealloc *pa = vm->cfg.prealloc;
+
+		/* Take it over; give back what this VM does not need. */
+		if (ftruncate(pa->fd, (off_t)size) == 0) {
+			if (pa->size > size)
+				munmap(pa->mem + size, pa->size - size);
+			vm->mem_fd = pa->fd;
+			vm->mem = pa->mem;
+			pa->fd = -1;
+			pa->mem = NULL;
+			pa->size = 0;
+			pa->used = true;
+			goto mapped;
+		}
+	}
+
 	snprintf(memfd_name, sizeof(memfd_name), "vmig-ram:%s", vm->name);
 	vm->mem_fd = memfd_create(memfd_name, MFD_CLOEXEC);
 	if (vm->mem_fd < 0) {
@@ -111,6 +129,7 @@ int vmig__mem_create(struct vmig_vm *vm, struct vmig_err *err)
 			     size >> 20, strerror(-ret));
 		return ret;
 	}
+mapped:
 	vm->mem_size = size;
 	/* Guest RAM is not worth a core dump of many GiB. */
 	madvise(vm->mem, size, MADV_DONTDUMP);
@@ -159,6 +178,73 @@ int vmig_vm_set_dirty_logging(struct vmig_vm *vm, bool on, struct vmig_err *err)
 	}
 	vm->dirty_logging = on;
 	return 0;
+}
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23        /* Linux 5.14 */
+#endif
+
+int vmig_prealloc_create(uint64_t size, struct vmig_prealloc **out, struct vmig_err *err)
+{
+	struct vmig_prealloc *pa;
+	uint64_t limit;
+	int ret;
+
+	*out = NULL;
+	if (!size || size % (2ull << 20)) {
+		vmig_err_set(err, -EINVAL, "cannot preallocate %" PRIu64 " bytes: a multiple "
+			     "of 2 MiB is needed", size);
+		return -EINVAL;
+	}
+	if (vmig__mem_host_limit(&limit) == 0 && size > limit) {
+		vmig_err_set(err, -ENOMEM, "cannot preallocate %" PRIu64 " MiB: this host has "
+			     "%" PRIu64 " MiB of RAM and swap in all", size >> 20, limit >> 20);
+		return -ENOMEM;
+	}
+	pa = calloc(1, sizeof(*pa));
+	if (!pa)
+		return -ENOMEM;
+	pa->fd = memfd_create("vmig-ram:prealloc", MFD_CLOEXEC);
+	if (pa->fd < 0 || ftruncate(pa->fd, (off_t)size) < 0) {
+		ret = -errno;
+		vmig_err_set(err, ret, "cannot create %" PRIu64 " MiB of RAM: %s", size >> 20,
+			     strerror(-ret));
+		goto fail;
+	}
+	pa->mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
+		       pa->fd, 0);
+	if (pa->mem == MAP_FAILED) {
+		ret = -errno;
+		pa->mem = NULL;
+		vmig_err_set(err, ret, "cannot map %" PRIu64 " MiB of RAM: %s", size >> 20,
+			     strerror(-ret));
+		goto fail;
+	}
+	pa->size = size;
+	/* Allocate and map every page now, writable, without writing it. */
+	if (madvise(pa->mem, size, MADV_POPULATE_WRITE) < 0) {
+		ret = -errno;
+		vmig_err_set(err, ret, "cannot preallocate %" PRIu64 " MiB of RAM: %s%s",
+			     size >> 20, strerror(-ret), ret == -EINVAL ?
+			     " (MADV_POPULATE_WRITE needs Linux 5.14)" : "");
+		goto fail;
+	}
+	*out = pa;
+	return 0;
+fail:
+	vmig_prealloc_destroy(pa);
+	return ret;
+}
+
+void vmig_prealloc_destroy(struct vmig_prealloc *pa)
+{
+	if (!pa)
+		return;
+	if (pa->mem)
+		munmap(pa->mem, pa->size);
+	if (pa->fd >= 0)
+		close(pa->fd);
+	free(pa);
 }
 
 void vmig__mem_destroy(struct vmig_vm *vm)

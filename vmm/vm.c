@@ -257,6 +257,7 @@ static int create(const struct vmig_vm_config *cfg, struct vmig__boot *boot,
 	if (ret)
 		goto fail;
 	ret = vmig__mem_create(vm, err);
+	vm->cfg.prealloc = NULL;          /* borrowed for vmig__mem_create() only */
 	if (ret)
 		goto fail;
 	for (i = 0; i < cfg->nr_vcpus; i++) {

@@ -26,6 +26,7 @@
 struct vmig_vm;
 struct vmig_transport;
 struct vmig_migration;
+struct vmig_prealloc;
 struct json_object;
 
 #define VMIG_MIGRATE_MAX_CHANNELS 8u
@@ -140,6 +141,8 @@ struct vmig_dst_params {
 	 * one channel is refused.  Borrowed.
 	 */
 	struct vmig_listener *listener;
+	/* Guest RAM allocated beforehand (vmm: vmig_prealloc_create), or NULL. */
+	struct vmig_prealloc *prealloc;
 	/*
 	 * Optional, called before each record and before READY: non-zero
 	 * (with @err set) abandons the migration before the handoff, e.g. on

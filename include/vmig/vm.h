@@ -28,6 +28,24 @@
 
 struct vmig_vm;
 
+/*
+ * Guest RAM allocated and faulted in before a VM needs it, so that a
+ * migration's destination does not pay first touch while the pages
+ * arrive (vmig incoming --prealloc, like QEMU's -mem-prealloc).  A VM
+ * created with it takes it over if it is large enough (the rest is freed);
+ * otherwise it is left alone.
+ */
+struct vmig_prealloc {
+	int fd;                  /* memfd, or -1 once taken */
+	uint8_t *mem;
+	uint64_t size;
+	bool used;               /* a VM took it */
+};
+/* Allocate and populate @size bytes (a multiple of 2 MiB).  0 or -errno. */
+int vmig_prealloc_create(uint64_t size, struct vmig_prealloc **out, struct vmig_err *err);
+/* Free what no VM took.  NULL-safe. */
+void vmig_prealloc_destroy(struct vmig_prealloc *pa);
+
 struct vmig_vm_config {
 	const char *name;        /* VM name, for messages and the memfd */
 	uint64_t mem_size;       /* bytes, multiple of 2 MiB, >= 16 MiB */
@@ -43,6 +61,7 @@ struct vmig_vm_config {
 	const char *kernel;      /* path, or NULL */
 	const char *initrd;      /* path, or NULL */
 	const char *cmdline;     /* kernel command line, or NULL */
+	struct vmig_prealloc *prealloc;  /* RAM to take over, or NULL (borrowed) */
 };
 
 enum vmig_vm_state {

@@ -120,6 +120,7 @@ struct dst_ctx {
 	bool paused;
 	bool live;
 	bool no_channels;             /* do not offer the listener for channels */
+	struct vmig_prealloc *prealloc;
 	struct vmig_transport *t;     /* file restore: given */
 	struct vmig_vm *vm;           /* result */
 	int ret;
@@ -135,6 +136,7 @@ static void *dst_main(void *arg)
 
 	if (!d->no_channels)
 		p.listener = d->l;
+	p.prealloc = d->prealloc;
 
 	if (!t) {
 		d->ret = vmig_transport_accept(d->l, 30000, &t, &d->err);
@@ -597,6 +599,44 @@ START_TEST(channels_refused_cleanly)
 }
 END_TEST
 
+/*
+ * incoming --prealloc: RAM allocated beforehand is taken over when it is
+ * large enough (and the guest arrives whole in it), left alone when not.
+ */
+START_TEST(prealloc_is_taken_over)
+{
+	struct vmig_vm *src = make_vm(128 << 20, 1, "rate=max,wss=16M,quiet");
+	struct vmig_migrate_stats st;
+	struct vmig_err err = { 0 };
+	static const uint64_t sizes[] = { 256 << 20, 64 << 20 };
+
+	wait_guest(src, 1);
+	for (unsigned int i = 0; i < 2; i++) {
+		struct dst_ctx d = { .paused = true };
+
+		ck_assert_msg(vmig_prealloc_create(sizes[i], &d.prealloc, &err) == 0, "%s",
+			      err.msg);
+		dst_listen(&d, true);
+		ck_assert_int_eq(migrate(src, d.uri, 300, -1, &st), VMIG_MIGRATE_COMPLETED);
+		dst_join(&d);
+		ck_assert_msg(d.ret == 0, "destination: %s", d.err.msg);
+		ck_assert_int_eq(d.prealloc->used, i == 0);
+		/* Taken over: the rest was given back, nothing is left to free. */
+		if (i == 0)
+			ck_assert(d.prealloc->fd < 0 && !d.prealloc->mem);
+		vmig_prealloc_destroy(d.prealloc);
+		compare_memory(src, d.vm);
+		check_continues(src, d.vm, 1);
+		vmig_vm_destroy(d.vm);
+		ck_assert_int_eq(vmig_vm_resume(src), 0);
+	}
+	vmig_err_clear(&err);
+	ck_assert_int_eq(vmig_prealloc_create(3 << 20, &(struct vmig_prealloc *){ NULL }, &err),
+			 -EINVAL);
+	vmig_vm_destroy(src);
+}
+END_TEST
+
 START_TEST(save_restore_round_trip)
 {
 	struct vmig_vm *src = make_vm(64 << 20, 2, "rate=max,wss=2M,quiet");
@@ -905,6 +945,7 @@ int main(void)
 	tcase_add_test(tc, paused_vm_resume_on_arrival);
 	tcase_add_test(tc, timeout_cancels_or_forces);
 	tcase_add_test(tc, bandwidth_cap_holds);
+	tcase_add_test(tc, prealloc_is_taken_over);
 	suite_add_tcase(s, tc);
 
 	tcase_add_checked_fixture(fail, setup, teardown);

@@ -466,9 +466,10 @@ static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
 			return cli_usage_error(cmd, "give either --listen URI or --stdio");
 		if (o->stdio && o->detach)
 			return cli_usage_error(cmd, "--stdio and --detach exclude each other");
-		if (o->listen && strncmp(o->listen, "tcp://", 6) && strncmp(o->listen, "unix:", 5))
-			return cli_usage_error(cmd, "bad --listen '%s': use tcp://HOST:PORT or "
-					       "unix:PATH", o->listen);
+		if (o->listen && strncmp(o->listen, "tcp://", 6) && strncmp(o->listen, "unix:", 5) &&
+		    strncmp(o->listen, "rdma://", 7))
+			return cli_usage_error(cmd, "bad --listen '%s': use tcp://HOST:PORT, "
+					       "rdma://HOST:PORT or unix:PATH", o->listen);
 	}
 	return 0;
 }

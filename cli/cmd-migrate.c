@@ -449,11 +449,12 @@ int cmd_migrate(int argc, char **argv)
 		return cli_usage_error("migrate", argc - optind < 2 ? "need NAME and URI" :
 				       "too many arguments");
 	if (strncmp(argv[optind + 1], "tcp://", 6) && strncmp(argv[optind + 1], "unix:", 5) &&
-	    strncmp(argv[optind + 1], "ssh://", 6))
-		return cli_usage_error("migrate", "bad URI '%s': use tcp://HOST:PORT, unix:PATH or "
-				       "ssh://[USER@]HOST[:PORT] (to write a file, use vmig save)",
-				       argv[optind + 1]);
-	if (channels > 1 && !strncmp(argv[optind + 1], "ssh://", 6))
+	    strncmp(argv[optind + 1], "ssh://", 6) && strncmp(argv[optind + 1], "rdma://", 7))
+		return cli_usage_error("migrate", "bad URI '%s': use tcp://HOST:PORT, unix:PATH, "
+				       "ssh://[USER@]HOST[:PORT] or rdma://HOST:PORT (to write a "
+				       "file, use vmig save)", argv[optind + 1]);
+	if (channels > 1 && (!strncmp(argv[optind + 1], "ssh://", 6) ||
+			     !strncmp(argv[optind + 1], "rdma://", 7)))
 		return cli_usage_error("migrate", "--channels needs tcp:// or unix:");
 	if (!strncmp(argv[optind + 1], "ssh://", 6)) {
 		ssh = ssh_request(remote_vmig, dest_name, known_hosts, accept_new, identity);

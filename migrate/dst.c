@@ -107,7 +107,46 @@ struct dst {
 	pthread_cond_t ch_cond;
 	uint64_t released;                /* passes every channel may go past */
 	bool ch_failed, ch_quit;
+	bool exposed;                     /* rdma://: RAM open to the source's writes */
 };
+
+/*
+ * rdma://: let the source write pages straight into guest RAM.  Any
+ * failure (memory that cannot be pinned, too many regions) declines, and
+ * the source sends PAGES records instead: a slower migration, not a failed
+ * one.  Other transports: nothing to do.
+ */
+static int expose_ram(struct dst *d)
+{
+	const struct vmig_mem_region *r;
+	unsigned int nr = vmig_vm_regions(d->vm, &r), i;
+	int ret = 0;
+
+	for (i = 0; i < nr && !ret; i++)
+		ret = vmig_transport_expose_memory(d->t, r[i].hva, r[i].size, r[i].gpa);
+	if (ret == -EOPNOTSUPP && i == 1)
+		return 0;                         /* not RDMA */
+	if (ret) {
+		vmig_log(VMIG_LOG_WARN, "rdma: cannot expose guest RAM (%s): pages will come "
+			 "in the stream", strerror(-ret));
+		vmig_transport_unexpose_memory(d->t);
+		ret = vmig_transport_expose_done(d->t, ret);
+	} else {
+		ret = vmig_transport_expose_done(d->t, 0);
+		d->exposed = !ret;
+	}
+	if (ret)
+		vmig_err_set(d->err, ret, "cannot answer the source: %s", strerror(-ret));
+	return ret;
+}
+
+/* Close guest RAM to remote writes (before state loads or vCPUs run). */
+static void unexpose_ram(struct dst *d)
+{
+	if (d->exposed)
+		vmig_transport_unexpose_memory(d->t);
+	d->exposed = false;
+}
 
 static void *dst_channel_thread(void *arg)
 {
@@ -670,7 +709,11 @@ int vmig_migrate_dst_run(struct vmig_transport *t, const struct vmig_dst_params 
 	if (!ret)
 		ret = channels_accept(&d, p);
 	if (!ret)
+		ret = expose_ram(&d);
+	if (!ret)
 		ret = receive(&d, p);
+	/* SWITCHOVER came after the source's last fence: every page is here. */
+	unexpose_ram(&d);
 	populate_stop(&d);
 	channels_stop(&d);
 	if (!ret)
@@ -754,6 +797,7 @@ fail:
 					err->msg[0] ? err->msg : strerror(-ret));
 		vmig_stream_flush(d.w);
 	}
+	unexpose_ram(&d);
 	populate_stop(&d);
 	channels_stop(&d);
 	free_sections(&d);

@@ -135,6 +135,9 @@ struct vmig_migration {
 	pthread_cond_t ch_cond;           /* with lock: work given, work done */
 	bool ch_quit;                     /* under lock */
 	atomic_bool ch_abort;             /* a sender failed: the others stop */
+	/* rdma://: pages written straight into the destination's RAM. */
+	bool direct;
+	uint64_t direct_pages, direct_bytes;
 	/* Auto-converge. */
 	unsigned int throttle;            /* % we set on the VM */
 	unsigned int hot_iters;           /* passes in a row dirtying too fast */
@@ -414,6 +417,34 @@ static int pace(struct vmig_migration *m, struct pacer *pc, struct vmig_stream_w
 	return 0;
 }
 
+/* A direct (RDMA WRITE) placement failed: the transport has the reason. */
+static int direct_error(struct vmig_migration *m, int ret)
+{
+	const struct vmig_err *te = vmig_transport_err(m->t);
+
+	peer_reason(m);
+	if (te && te->code)
+		vmig_err_set(&m->err, te->code, "%s", te->msg);
+	else
+		vmig_err_set(&m->err, ret, "writing guest memory to %s: %s", m->uri,
+			     strerror(-ret));
+	return ret;
+}
+
+/*
+ * rdma://, before ITER_END and the state: every page written must have
+ * landed, so that the destination's ITER_DONE and READY cover them.
+ */
+static int direct_fence(struct vmig_migration *m)
+{
+	int ret;
+
+	if (!m->direct)
+		return 0;
+	ret = vmig_transport_mem_fence(m->t);
+	return ret ? direct_error(m, ret) : 0;
+}
+
 /*
  * Send every page set in m->dirty, clearing the bits.  bitmap-clear:
  * re-arm each 64-page word's tracking before reading its pages.
@@ -443,6 +474,21 @@ static int send_dirty(struct vmig_migration *m, uint64_t *sent)
 				if (!vmig_bitmap_test(&m->dirty, p))
 					continue;
 				vmig_bitmap_clear(&m->dirty, p);
+				if (m->direct) {
+					/* Into the destination's RAM; zero pages too: a
+					 * page may have become zero since it was sent. */
+					ret = vmig_transport_write_mem(m->t, m->regions[ri].gpa +
+								       (p - first) * PAGE_SIZE,
+								       m->regions[ri].hva +
+								       (p - first) * PAGE_SIZE,
+								       PAGE_SIZE);
+					if (ret)
+						return direct_error(m, ret);
+					m->direct_pages++;
+					m->direct_bytes += PAGE_SIZE;
+					n++;
+					continue;
+				}
 				ret = vmig_stream_add_page(m->w, m->regions[ri].gpa +
 							   (p - first) * PAGE_SIZE,
 							   m->regions[ri].hva + (p - first) * PAGE_SIZE,
@@ -505,8 +551,9 @@ static void total_stats(struct vmig_migration *m, struct vmig_stream_stats *out)
 	unsigned int i;
 
 	vmig_stream_writer_stats(m->w, out);
-	out->bytes += out->pending;
+	out->bytes += out->pending + m->direct_bytes;
 	out->pending = 0;
+	out->pages_raw += m->direct_pages;
 	for (i = 1; i < m->nr_ch; i++) {        /* under m->lock, or joined */
 		out->bytes += m->ch[i].ws.bytes + m->ch[i].ws.pending;
 		out->pages_zero += m->ch[i].ws.pages_zero;
@@ -991,6 +1038,16 @@ static int setup(struct vmig_migration *m)
 		ret = vmig_stream_flush(m->w);
 	if (ret)
 		return writer_error(m, ret);
+	if (uri.kind == VMIG_URI_RDMA) {
+		/* Does the destination take pages straight into its RAM? */
+		ret = vmig_transport_peer_memory(m->t, -1);
+		if (ret == 0)
+			m->direct = true;
+		else if (ret != -EOPNOTSUPP)
+			return direct_error(m, ret);
+		vmig_log(VMIG_LOG_INFO, "rdma: pages go %s", m->direct ?
+			 "straight into the destination's RAM (RDMA WRITE)" : "in PAGES records");
+	}
 	return m->nr_ch > 1 ? channels_open(m) : 0;
 }
 
@@ -1068,6 +1125,8 @@ static int precopy(struct vmig_migration *m)
 
 		pace_reset(m, &m->pace, m->w);
 		ret = send_pass(m, iter, false, &sent);
+		if (!ret)
+			ret = direct_fence(m);
 		if (!ret)
 			ret = vmig_stream_write_iter_end(m->w, iter, sent);
 		if (!ret)
@@ -1205,6 +1264,8 @@ static int switchover(struct vmig_migration *m)
 	ret = sync_dirty(m, &dirty);
 	if (!ret)
 		ret = send_pass(m, m->stats.iteration + 1, true, &sent);
+	if (!ret)
+		ret = direct_fence(m);
 	if (!ret)
 		ret = vmig_stream_write_iter_end(m->w, m->stats.iteration + 1, sent);
 	if (ret)
@@ -1371,9 +1432,10 @@ int vmig_migrate_src_start(struct vmig_vm *vm, const struct vmig_migrate_params 
 	if (ret)
 		return ret;
 	if (uri.kind != VMIG_URI_TCP && uri.kind != VMIG_URI_UNIX && uri.kind != VMIG_URI_FILE &&
-	    uri.kind != VMIG_URI_SSH) {
+	    uri.kind != VMIG_URI_SSH && uri.kind != VMIG_URI_RDMA) {
 		vmig_err_set(err, -EINVAL, "cannot migrate to '%s': use tcp://HOST:PORT, "
-			     "unix:PATH, ssh://[USER@]HOST[:PORT] or file:PATH", p->uri);
+			     "unix:PATH, ssh://[USER@]HOST[:PORT], rdma://HOST:PORT or file:PATH",
+			     p->uri);
 		return -EINVAL;
 	}
 	if (p->channels > VMIG_MIGRATE_MAX_CHANNELS) {

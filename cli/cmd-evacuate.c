@@ -25,7 +25,8 @@
  *
  * --bandwidth TOTAL is split evenly over the migrations that may run at
  * once (TOTAL / min(--parallel, VMs)), so that together they never exceed
- * it; each share goes in its migrate request as "max_bandwidth_bps".
+ * it; each share goes in its migrate request as "bandwidth_bps", the
+ * pre-copy cap the VMM's migration engine enforces.
  *
  * Threads: one (the planner's SSH queries run in threads of their own and
  * are joined before phase 3).  Signals are blocked and read from a
@@ -662,7 +663,7 @@ static void start_one(struct run *r, struct run_vm *v)
 		o->on_timeout ? o->on_timeout : "cancel"));
 	json_object_object_add(req, "compress", json_object_new_boolean(1));
 	if (r->bw_share)
-		json_object_object_add(req, "max_bandwidth_bps", json_object_new_uint64(r->bw_share));
+		json_object_object_add(req, "bandwidth_bps", json_object_new_uint64(r->bw_share));
 	ret = vmig_ctl_send(v->fd, req);
 	json_object_put(req);
 	if (ret < 0) {

@@ -710,7 +710,29 @@ END_TEST
 /* ---- a destination that misbehaves on purpose ---- */
 
 enum die_at { DIE_AT_ACCEPT, DIE_AFTER_CONFIG, DIE_MID_PAGES, DIE_AT_SWITCHOVER,
-	      NACK_AT_SWITCHOVER, DIE_AFTER_READY };
+	      NACK_AT_SWITCHOVER, DIE_AFTER_READY, DIE_CHANNEL_MID_PAGES };
+
+/*
+ * --channels 2: take the extra connection, read some of its pages, then
+ * drop it while the main connection stays up.
+ */
+static void fake_channel_dies(struct vmig_listener *l)
+{
+	struct vmig_transport *t = NULL;
+	struct vmig_stream_reader *r = NULL;
+	struct vmig_err err = { 0 };
+	struct vmig_record rec;
+	unsigned int n = 0;
+
+	if (vmig_transport_accept(l, 10000, &t, &err))
+		return;
+	vmig_stream_reader_create(t, VMIG_STREAM_FORWARD, &r);
+	if (vmig_stream_read_header(r, &err) == 0)
+		while (n++ < 10 && vmig_stream_read_record(r, &rec, &err) == 0)
+			;
+	vmig_stream_reader_destroy(r);
+	vmig_transport_close(t);
+}
 
 struct fake_dst {
 	struct vmig_listener *l;
@@ -751,6 +773,8 @@ static void *fake_dst_main(void *arg)
 		}
 		if (f->at == DIE_AFTER_CONFIG && rec.type == VMIG_REC_CONFIG)
 			break;
+		if (f->at == DIE_CHANNEL_MID_PAGES && rec.type == VMIG_REC_CONFIG)
+			fake_channel_dies(f->l);
 		if (f->at == DIE_MID_PAGES && rec.type == VMIG_REC_PAGES && n > 20)
 			break;
 		if (rec.type != VMIG_REC_SWITCHOVER)
@@ -776,7 +800,8 @@ out:
 START_TEST(destination_failures)
 {
 	static const enum die_at points[] = { DIE_AT_ACCEPT, DIE_AFTER_CONFIG, DIE_MID_PAGES,
-					      DIE_AT_SWITCHOVER, NACK_AT_SWITCHOVER };
+					      DIE_AT_SWITCHOVER, NACK_AT_SWITCHOVER,
+					      DIE_CHANNEL_MID_PAGES };
 	struct vmig_vm *src = make_vm(128 << 20, 2, "rate=20000,wss=32M,quiet");
 	unsigned int i;
 
@@ -792,12 +817,16 @@ START_TEST(destination_failures)
 		snprintf(uri, sizeof(uri), "unix:%s/fake%u.sock", tmpdir, i);
 		ck_assert_int_eq(vmig_transport_listen(uri, &f.l, &err), 0);
 		ck_assert_int_eq(pthread_create(&f.thread, NULL, fake_dst_main, &f), 0);
+		channels_mode = points[i] == DIE_CHANNEL_MID_PAGES ? 2 : 1;
 		ck_assert_int_eq(migrate(src, uri, 300, -1, &st), VMIG_MIGRATE_FAILED);
+		channels_mode = 1;
 		pthread_join(f.thread, NULL);
 		vmig_listener_close(f.l);
 		ck_assert_msg(st.error[0], "failure %u has no message", i);
 		if (points[i] == NACK_AT_SWITCHOVER)
 			ck_assert_msg(strstr(st.error, "refused for the test"), "%s", st.error);
+		if (points[i] == DIE_CHANNEL_MID_PAGES)
+			ck_assert_msg(strstr(st.error, "channel 1"), "%s", st.error);
 		ck_assert_int_eq(vmig_vm_state(src), VMIG_VM_RUNNING);
 		a = pages_written(src);
 		kvm_test_sleep_ms(100);

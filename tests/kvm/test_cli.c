@@ -313,7 +313,7 @@ static void console_b_output(char *buf, size_t len)
 	}
 }
 
-static void migrate_over(const char *uri_fmt)
+static void migrate_over(const char *uri_fmt, const char *channels)
 {
 	struct json_object *res, *o;
 	char uri[512], out[65536];
@@ -328,10 +328,20 @@ static void migrate_over(const char *uri_fmt)
 	before = jget(o, "pages_written");
 	json_object_put(o);
 
-	RUN(&r, "migrate", "mv", uri, "--json");
+	if (channels)   /* the engine's knobs, through the CLI and vmig incoming */
+		RUN(&r, "migrate", "mv", uri, "--json", "--channels", channels,
+		    "--compress", "none", "--bandwidth", "1G");
+	else
+		RUN(&r, "migrate", "mv", uri, "--json");
 	ck_assert_msg(r.status == 0, "migrate: exit %d: %s %s", r.status, r.out, r.err);
 	res = json_tokener_parse(r.out);
 	ck_assert_msg(res, "--json printed: %s", r.out);
+	if (channels) {
+		struct json_object *pg = json_object_object_get(res, "pages");
+
+		ck_assert_uint_eq(jget(res, "bandwidth_limit_bps"), 1ull << 30);
+		ck_assert_msg(pg && jget(pg, "lz4") == 0 && jget(pg, "raw") > 0, "%s", r.out);
+	}
 	ck_assert_msg(json_object_object_get(res, "status") &&
 		      !strcmp(json_object_get_string(json_object_object_get(res, "status")),
 			      "completed"), "result: %s", r.out);
@@ -375,13 +385,25 @@ static void migrate_over(const char *uri_fmt)
 
 START_TEST(migrate_tcp)
 {
-	migrate_over("tcp://127.0.0.1:47391");
+	migrate_over("tcp://127.0.0.1:47391", NULL);
 }
 END_TEST
 
 START_TEST(migrate_unix)
 {
-	migrate_over("unix:%s/mig.sock");
+	migrate_over("unix:%s/mig.sock", NULL);
+}
+END_TEST
+
+START_TEST(migrate_tcp_channels)
+{
+	migrate_over("tcp://127.0.0.1:47392", "3");
+}
+END_TEST
+
+START_TEST(migrate_unix_channels)
+{
+	migrate_over("unix:%s/mig.sock", "2");
 }
 END_TEST
 
@@ -902,7 +924,7 @@ END_TEST
 
 START_TEST(bad_flags)
 {
-	static const char *const cases[][6] = {
+	static const char *const cases[][8] = {
 		{ "run", "x", "--memory", "lots", NULL },
 		{ "run", "x", "--vcpus", "0", NULL },
 		{ "run", "x", "--vcpus", "3x", NULL },
@@ -911,6 +933,12 @@ START_TEST(bad_flags)
 		{ "status", NULL },
 		{ "status", "a", "b", NULL },
 		{ "launch", NULL },
+		{ "migrate", "x", "tcp://127.0.0.1:1", "--channels", "9", NULL },
+		{ "migrate", "x", "ssh://h", "--channels", "2", NULL },
+		{ "migrate", "x", "tcp://127.0.0.1:1", "--compress", "zstd", NULL },
+		{ "migrate", "x", "tcp://127.0.0.1:1", "--bandwidth", "0", NULL },
+		{ "migrate", "x", "tcp://127.0.0.1:1", "--max-throttle", "100", NULL },
+		{ "incoming", "--listen", "tcp://127.0.0.1:1", "--prealloc", "3M", NULL },
 	};
 	struct result r;
 	size_t i;
@@ -1013,6 +1041,8 @@ int main(void)
 		tcase_set_timeout(mig, 120);
 		tcase_add_test(mig, migrate_tcp);
 		tcase_add_test(mig, migrate_unix);
+		tcase_add_test(mig, migrate_tcp_channels);
+		tcase_add_test(mig, migrate_unix_channels);
 		tcase_add_test(mig, cancel_keeps_vm_here);
 		tcase_add_test(mig, destination_killed_source_resumes);
 		tcase_add_test(mig, source_killed_destination_discards);

@@ -8,6 +8,8 @@
 # Workloads (built-in guest, 1 vCPU):
 #   paused-raw  768 MiB written, VM paused, --no-compress: one pass of raw
 #               pages, i.e. the transport's throughput
+#   paused-raw-x2  the same over two connections (--channels 2): over SSH,
+#               two SSH connections, each with its own cipher and thread
 #   paused-lz4  the same with compression (the default)
 #   live        rate=20000 pages/s over 256 MiB, running, defaults
 #
@@ -119,6 +121,7 @@ printf '{"machine":{"nproc":%s,"kernel":"%s","loadavg":"%s"},"libssh2":"%s","wor
 first=1
 # name|workload|wss pages|pause|migrate options
 for w in "paused-raw|rate=max,wss=768M,quiet|196608|pause|--no-compress" \
+	 "paused-raw-x2|rate=max,wss=768M,quiet|196608|pause|--no-compress --channels 2" \
 	 "paused-lz4|rate=max,wss=768M,quiet|196608|pause|" \
 	 "live|rate=20000,wss=256M,quiet|65536|run|--timeout 60 --on-timeout force"; do
 	IFS='|' read -r name wl wss pause opts <<EOF

@@ -19,8 +19,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -42,6 +45,7 @@ struct in_opts {
 	bool detach;
 	bool paused, resume;
 	uint64_t prealloc;         /* --prealloc bytes, 0 = none */
+	const char *join;          /* --join SESSION: a channel for another incoming */
 	int notify_fd;
 };
 
@@ -135,6 +139,166 @@ static int abort_on_signal(void *arg, struct vmig_err *err)
 	return signalled(arg, err) ? -EINTR : 0;
 }
 
+/*
+ * Channels over SSH.  A source with --channels N opens N - 1 more SSH
+ * connections, each running `vmig incoming --join SESSION`; that process
+ * connects to RUN_DIR/join-SESSION.sock, which the `incoming --stdio` of
+ * the migration opens once CONFIG has named the session, hands over its
+ * stdin and stdout (SCM_RIGHTS: no copy through it), and waits until the
+ * receiving process closes the connection: its exit would end the SSH
+ * session.
+ */
+struct join_ctx {
+	char path[4200];
+	int listen_fd;
+	int conns[VMIG_MIGRATE_MAX_CHANNELS];
+	unsigned int nr_conns;
+};
+
+static int join_path(uint64_t session, char *buf, size_t len)
+{
+	char dir[4096];
+
+	if (vmig_rundir_get(dir, sizeof(dir)) < 0 || vmig_rundir_ensure(dir) < 0)
+		return -ENOENT;
+	snprintf(buf, len, "%s/join-%016" PRIx64 ".sock", dir, session);
+	return strlen(buf) < sizeof(((struct sockaddr_un *)0)->sun_path) ? 0 : -ENAMETOOLONG;
+}
+
+static int accept_joined_channel(void *arg, uint64_t session, int timeout_ms,
+				 struct vmig_transport **out, struct vmig_err *err)
+{
+	struct join_ctx *j = arg;
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char cbuf[CMSG_SPACE(2 * sizeof(int))], byte;
+	struct iovec iov = { &byte, 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+			     .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *cm;
+	struct pollfd pfd;
+	int fd, fds[2], ret;
+
+	if (j->listen_fd < 0) {
+		ret = join_path(session, j->path, sizeof(j->path));
+		if (ret) {
+			vmig_err_set(err, ret, "no run directory for the channels' socket");
+			return ret;
+		}
+		memcpy(sa.sun_path, j->path, strlen(j->path) + 1);   /* fits: join_path */
+		unlink(j->path);
+		j->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (j->listen_fd < 0 || bind(j->listen_fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+		    chmod(j->path, 0600) < 0 || listen(j->listen_fd, 8) < 0) {
+			ret = -errno;
+			vmig_err_set(err, ret, "cannot listen on %s: %s", j->path, strerror(-ret));
+			return ret;
+		}
+	}
+	if (j->nr_conns == VMIG_MIGRATE_MAX_CHANNELS) {
+		vmig_err_set(err, -EMFILE, "too many channels");
+		return -EMFILE;
+	}
+	pfd = (struct pollfd){ .fd = j->listen_fd, .events = POLLIN };
+	ret = poll(&pfd, 1, timeout_ms);
+	if (ret <= 0) {
+		vmig_err_set(err, -ETIMEDOUT, "no 'vmig incoming --join' came to %s within "
+			     "%d s", j->path, timeout_ms / 1000);
+		return -ETIMEDOUT;
+	}
+	fd = accept4(j->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+	if (fd < 0) {
+		ret = -errno;
+		vmig_err_set(err, ret, "accept on %s: %s", j->path, strerror(-ret));
+		return ret;
+	}
+	if (recvmsg(fd, &mh, MSG_CMSG_CLOEXEC) != 1 || !(cm = CMSG_FIRSTHDR(&mh)) ||
+	    cm->cmsg_type != SCM_RIGHTS || cm->cmsg_len != CMSG_LEN(2 * sizeof(int))) {
+		close(fd);
+		vmig_err_set(err, -EPROTO, "a joining process sent no stdin/stdout");
+		return -EPROTO;
+	}
+	memcpy(fds, CMSG_DATA(cm), sizeof(fds));
+	ret = vmig_transport_from_fds(fds[0], fds[1], out);
+	if (ret) {
+		close(fds[0]);
+		close(fds[1]);
+		close(fd);
+		vmig_err_set(err, ret, "out of memory");
+		return ret;
+	}
+	j->conns[j->nr_conns++] = fd;   /* closed when the migration is over */
+	return 0;
+}
+
+static void join_ctx_fini(struct join_ctx *j)
+{
+	for (unsigned int i = 0; i < j->nr_conns; i++)
+		close(j->conns[i]);
+	j->nr_conns = 0;
+	if (j->listen_fd >= 0) {
+		close(j->listen_fd);
+		unlink(j->path);
+	}
+	j->listen_fd = -1;
+}
+
+/* `vmig incoming --join SESSION`: hand stdin/stdout over, wait, exit. */
+static int join_channel(const char *session)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char cbuf[CMSG_SPACE(2 * sizeof(int))], byte = 'j', path[4200];
+	struct iovec iov = { &byte, 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+			     .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *cm;
+	uint64_t sess;
+	char *end;
+	int fd = -1, fds[2] = { STDIN_FILENO, STDOUT_FILENO }, tries;
+
+	errno = 0;
+	sess = strtoull(session, &end, 16);
+	if (errno || *end || !*session) {
+		cli_error("bad --join '%s': a session number from the source", session);
+		return VMIG_EXIT_USAGE;
+	}
+	if (join_path(sess, path, sizeof(path)) < 0) {
+		cli_error("no usable run directory: set VMIG_RUN_DIR or XDG_RUNTIME_DIR");
+		return VMIG_EXIT_ERROR;
+	}
+	memcpy(sa.sun_path, path, strlen(path) + 1);          /* fits: join_path */
+	/* The receiving process opens the socket once CONFIG has come. */
+	for (tries = 0; tries < 300; tries++) {
+		fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0)
+			break;
+		if (fd >= 0)
+			close(fd);
+		fd = -1;
+		usleep(50000);
+	}
+	if (fd < 0) {
+		cli_error("no migration %s to join here (%s)", session, path);
+		return VMIG_EXIT_ERROR;
+	}
+	cm = CMSG_FIRSTHDR(&mh);
+	cm->cmsg_level = SOL_SOCKET;
+	cm->cmsg_type = SCM_RIGHTS;
+	cm->cmsg_len = CMSG_LEN(sizeof(fds));
+	memcpy(CMSG_DATA(cm), fds, sizeof(fds));
+	if (sendmsg(fd, &mh, 0) != 1) {
+		cli_error("cannot hand the channel over: %s", strerror(errno));
+		close(fd);
+		return VMIG_EXIT_ERROR;
+	}
+	/* Ours no more: keep them open only through the receiver's copies. */
+	close(STDIN_FILENO);
+	close(STDOUT_FILENO);
+	while (read(fd, &byte, 1) > 0 || errno == EINTR)
+		;
+	close(fd);
+	return VMIG_EXIT_OK;
+}
+
 /* Receive, then serve the VM.  Runs in the (possibly detached) VMM process. */
 static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 {
@@ -155,6 +319,7 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 	struct vmig_vm *vm = NULL;
 	struct cli_console *console = NULL;
 	struct vmig_prealloc *pa = NULL;
+	struct join_ctx join = { .listen_fd = -1 };
 	char msg[4096 + 512];
 	int sig_fd, listen_fd = -1, ret, code = VMIG_EXIT_ERROR;
 
@@ -224,7 +389,12 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 	}
 	/* A source with --channels connects again: keep listening till it has. */
 	dp.listener = l;
+	if (o->stdio) {
+		dp.accept_channel = accept_joined_channel;
+		dp.accept_arg = &join;
+	}
 	ret = vmig_migrate_dst_run(t, &dp, &vm, &err);
+	join_ctx_fini(&join);
 	vmig_listener_close(l);
 	vmig_transport_close(t);
 	if (pa && !pa->used)
@@ -379,6 +549,7 @@ static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
 		{ "paused", no_argument,       NULL, 'p' },
 		{ "resume", no_argument,       NULL, 'r' },
 		{ "prealloc", required_argument, NULL, 'P' },
+		{ "join",   required_argument, NULL, 'J' },
 		{ "help",   no_argument,       NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -390,7 +561,7 @@ static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
 	o->notify_fd = -1;
 	optind = 1;
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, ":l:sn:dprP:h", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":l:sn:dprP:J:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'l':
 			if (restore)
@@ -420,6 +591,11 @@ static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
 				return cli_usage_error(cmd, "unknown option '--resume'");
 			o->resume = true;
 			break;
+		case 'J':
+			if (restore)
+				return cli_usage_error(cmd, "unknown option '--join'");
+			o->join = optarg;
+			break;
 		case 'P':
 			if (vmig_size_parse(optarg, &o->prealloc) < 0 || !o->prealloc ||
 			    o->prealloc % (2u << 20))
@@ -444,6 +620,8 @@ static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
 				       "  -n, --name NAME   name the VM NAME instead of its name on the source\n"
 				       "      --prealloc SIZE  allocate and fault in SIZE of guest RAM before\n"
 				       "                    listening (at least the VM's memory size)\n"
+				       "  (vmig incoming --join SESSION: run by the source over SSH for each\n"
+				       "   extra channel of a migration; hands it to that migration's --stdio)\n"
 				       "  -d, --detach      return once listening; the VMM goes on in the background\n");
 			exit(VMIG_EXIT_OK);
 		case ':':
@@ -462,6 +640,10 @@ static int parse_in(int argc, char **argv, struct in_opts *o, bool restore)
 	} else {
 		if (optind != argc)
 			return cli_usage_error(cmd, "too many arguments");
+		if (o->join && (o->listen || o->stdio || o->detach || o->name || o->prealloc))
+			return cli_usage_error(cmd, "--join takes no other option");
+		if (o->join)
+			return 0;
 		if (!!o->listen == o->stdio)
 			return cli_usage_error(cmd, "give either --listen URI or --stdio");
 		if (o->stdio && o->detach)
@@ -482,6 +664,8 @@ int cmd_incoming(int argc, char **argv)
 
 	if (ret)
 		return ret;
+	if (o.join)
+		return join_channel(o.join);
 	/* --stdio: the source is connected already; the VM's claim refuses
 	 * it, and that error reaches the source. */
 	if (!o.stdio && cli_drain_check(why, sizeof(why)) < 0) {

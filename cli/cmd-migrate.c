@@ -426,7 +426,7 @@ int cmd_migrate(int argc, char **argv)
 			       "                         carries (default 99)\n"
 			       "      --no-auto-converge never slow the guest down (--max-throttle 0)\n"
 			       "      --channels N       send pages over N connections, each with its own\n"
-			       "                         thread (tcp:// and unix: only; default 1)\n"
+			       "                         thread (tcp://, unix:, ssh://; default 1)\n"
 			       "  -r, --resume           a paused VM runs on arrival\n"
 			       "  -j, --json             print one JSON object with the result\n\n"
 			       "ssh:// only:\n"
@@ -453,9 +453,8 @@ int cmd_migrate(int argc, char **argv)
 		return cli_usage_error("migrate", "bad URI '%s': use tcp://HOST:PORT, unix:PATH, "
 				       "ssh://[USER@]HOST[:PORT] or rdma://HOST:PORT (to write a "
 				       "file, use vmig save)", argv[optind + 1]);
-	if (channels > 1 && (!strncmp(argv[optind + 1], "ssh://", 6) ||
-			     !strncmp(argv[optind + 1], "rdma://", 7)))
-		return cli_usage_error("migrate", "--channels needs tcp:// or unix:");
+	if (channels > 1 && !strncmp(argv[optind + 1], "rdma://", 7))
+		return cli_usage_error("migrate", "--channels needs tcp://, unix: or ssh://");
 	if (!strncmp(argv[optind + 1], "ssh://", 6)) {
 		ssh = ssh_request(remote_vmig, dest_name, known_hosts, accept_new, identity);
 		if (!ssh)

@@ -315,7 +315,7 @@ static int channels_accept(struct dst *d, const struct vmig_dst_params *p)
 	d->nr_ch = d->cfg.channels;
 	if (d->nr_ch <= 1)
 		return 0;
-	if (!p->listener) {
+	if (!p->listener && !p->accept_channel) {
 		vmig_err_set(d->err, -ENOTSUP, "the source sends over %u connections, and this "
 			     "destination takes one (use --channels 1 with this transport)",
 			     d->nr_ch);
@@ -332,7 +332,8 @@ static int channels_accept(struct dst *d, const struct vmig_dst_params *p)
 			vmig_err_set(d->err, -EPROTO, "the source's channels did not arrive");
 			return -EPROTO;
 		}
-		ret = vmig_transport_accept(p->listener, 10000, &t, &e);
+		ret = p->listener ? vmig_transport_accept(p->listener, 10000, &t, &e) :
+		      p->accept_channel(p->accept_arg, d->cfg.session, 15000, &t, &e);
 		if (ret) {
 			vmig_err_set(d->err, ret, "waiting for the source's channel %u of %u: %s",
 				     got + 1, d->nr_ch, e.msg[0] ? e.msg : strerror(-ret));

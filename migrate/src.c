@@ -678,7 +678,22 @@ static int channels_open(struct vmig_migration *m)
 
 		ch->m = m;
 		ch->index = i;
-		ret = vmig_transport_connect(m->uri, CONNECT_TIMEOUT_MS, &ch->t, &m->err);
+		if (m->p.ssh) {
+			/*
+			 * An SSH connection of its own (its own cipher, its own
+			 * thread): the remote `vmig incoming --join` hands its
+			 * stdin/stdout to the `incoming --stdio` of this migration.
+			 */
+			struct vmig_ssh_options o = *m->p.ssh;
+			char args[64];
+
+			snprintf(args, sizeof(args), "incoming --join %016" PRIx64, m->session);
+			o.remote_args = args;
+			ret = vmig_transport_connect_ssh(m->uri, &o, CONNECT_TIMEOUT_MS, &ch->t,
+							 &m->err);
+		} else {
+			ret = vmig_transport_connect(m->uri, CONNECT_TIMEOUT_MS, &ch->t, &m->err);
+		}
 		if (ret)
 			return ret;
 		vmig_transport_set_timeout(ch->t, IO_TIMEOUT_MS);
@@ -1443,9 +1458,10 @@ int vmig_migrate_src_start(struct vmig_vm *vm, const struct vmig_migrate_params 
 			     VMIG_MIGRATE_MAX_CHANNELS);
 		return -EINVAL;
 	}
-	if (p->channels > 1 && uri.kind != VMIG_URI_TCP && uri.kind != VMIG_URI_UNIX) {
-		vmig_err_set(err, -EINVAL, "several channels need tcp:// or unix: (not %s)",
-			     uri.kind == VMIG_URI_FILE ? "a file" : "ssh://");
+	if (p->channels > 1 && uri.kind != VMIG_URI_TCP && uri.kind != VMIG_URI_UNIX &&
+	    uri.kind != VMIG_URI_SSH) {
+		vmig_err_set(err, -EINVAL, "several channels need tcp://, unix: or ssh:// "
+			     "(not %s)", uri.kind == VMIG_URI_FILE ? "a file" : p->uri);
 		return -EINVAL;
 	}
 	m = calloc(1, sizeof(*m));

@@ -49,7 +49,8 @@ struct vmig_migrate_params {
 	enum vmig_compress compress;  /* NONE, LZ4 or AUTO (stream.h) */
 	/*
 	 * Connections carrying pages, each with its own sending thread
-	 * (tcp:// and unix: only); 0 or 1: the one connection.
+	 * (tcp://, unix: and ssh://, where each is an SSH connection of its
+	 * own); 0 or 1: the one connection.
 	 */
 	unsigned int channels;
 	uint64_t bandwidth_bps;     /* pre-copy cap, bytes/s; 0 = none */
@@ -141,6 +142,14 @@ struct vmig_dst_params {
 	 * one channel is refused.  Borrowed.
 	 */
 	struct vmig_listener *listener;
+	/*
+	 * Without a listener (incoming --stdio, started over SSH): called for
+	 * each extra channel of migration @session, returns its transport
+	 * within @timeout_ms or -errno with the reason in @err.  Optional.
+	 */
+	int (*accept_channel)(void *arg, uint64_t session, int timeout_ms,
+			      struct vmig_transport **out, struct vmig_err *err);
+	void *accept_arg;
 	/* Guest RAM allocated beforehand (vmm: vmig_prealloc_create), or NULL. */
 	struct vmig_prealloc *prealloc;
 	/*

@@ -934,7 +934,7 @@ START_TEST(bad_flags)
 		{ "status", "a", "b", NULL },
 		{ "launch", NULL },
 		{ "migrate", "x", "tcp://127.0.0.1:1", "--channels", "9", NULL },
-		{ "migrate", "x", "ssh://h", "--channels", "2", NULL },
+		{ "migrate", "x", "rdma://h:1", "--channels", "2", NULL },
 		{ "migrate", "x", "tcp://127.0.0.1:1", "--compress", "zstd", NULL },
 		{ "migrate", "x", "tcp://127.0.0.1:1", "--bandwidth", "0", NULL },
 		{ "migrate", "x", "tcp://127.0.0.1:1", "--max-throttle", "100", NULL },

@@ -590,7 +590,7 @@ START_TEST(channels_refused_cleanly)
 	snprintf(uri, sizeof(uri), "file:%s/x.vmig", tmpdir);
 	p.uri = uri;
 	ck_assert_int_eq(vmig_migrate_src_start(src, &p, &m, &err), -EINVAL);
-	ck_assert_msg(strstr(err.msg, "several channels need tcp:// or unix:"), "%s", err.msg);
+	ck_assert_msg(strstr(err.msg, "several channels need tcp://, unix: or ssh://"), "%s", err.msg);
 	p.channels = VMIG_MIGRATE_MAX_CHANNELS + 1;
 	p.uri = "tcp://127.0.0.1:1";
 	vmig_err_clear(&err);

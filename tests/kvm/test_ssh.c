@@ -581,6 +581,62 @@ START_TEST(live_migration_over_ssh)
 END_TEST
 
 /*
+ * --channels 3 over SSH: three SSH connections, the two extra ones running
+ * `vmig incoming --join`, which hand their stdin/stdout to the first; the
+ * VM arrives and runs on, and no join process or socket is left behind.
+ */
+START_TEST(channels_over_ssh)
+{
+	struct json_object *res, *pages, *o;
+	struct result r;
+	char log[8192], cmd[600];
+	uint64_t before, after;
+
+	trust_sshd(false);
+	start_vm("mc", "rate=max,wss=8M");
+	o = status_json(run_a, "mc");
+	before = pages_written(o);
+	json_object_put(o);
+
+	migrate_ssh(&r, run_a, "mc", rvmig_b,
+		    (const char *const[]){ "--identity", user_key, "--channels", "3",
+					   "--compress", "none", NULL });
+	sshd_log(log, sizeof(log));
+	ck_assert_msg(r.status == 0, "migrate: exit %d: %s %s (sshd: %s)", r.status, r.out,
+		      r.err, log);
+	res = json_tokener_parse(r.out);
+	ck_assert_msg(res, "--json printed: %s", r.out);
+	ck_assert_msg(!strcmp(json_object_get_string(json_object_object_get(res, "status")),
+			      "completed"), "result: %s", r.out);
+	pages = json_object_object_get(res, "pages");
+	ck_assert_msg(pages && jget(pages, "raw") > 2000, "%s", r.out);
+	json_object_put(res);
+	/* Three logins: the migration's and one per extra channel. */
+	{
+		unsigned int logins = 0;
+
+		for (const char *p = log; (p = strstr(p, "Accepted publickey")); p++)
+			logins++;
+		ck_assert_msg(logins == 3, "%u SSH logins, want 3 (sshd: %s)", logins, log);
+	}
+	o = status_json(run_b, "mc");
+	ck_assert_str_eq(jstate(o), "running");
+	after = pages_written(o);
+	json_object_put(o);
+	ck_assert_msg(after > before, "guest counters went back: %" PRIu64 " -> %" PRIu64,
+		      before, after);
+	assert_guest_runs(run_b, "mc");
+	kvm_test_sleep_ms(300);
+	snprintf(cmd, sizeof(cmd), "pgrep -f 'incoming --joi[n]' >/dev/null");
+	ck_assert_msg(system(cmd) != 0, "a vmig incoming --join outlived the migration");
+	snprintf(cmd, sizeof(cmd), "ls %s/join-*.sock >/dev/null 2>&1", run_b);
+	ck_assert_msg(system(cmd) != 0, "the join socket was left in %s", run_b);
+	RUN_B(&r, "stop", "mc");
+	ck_assert_int_eq(r.status, 0);
+}
+END_TEST
+
+/*
  * The key in the agent of the shell that runs vmig migrate, not in the
  * VMM's environment (started without SSH_AUTH_SOCK), and no key file.
  */
@@ -844,6 +900,7 @@ int main(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 90);
 	tcase_add_test(tc, live_migration_over_ssh);
+	tcase_add_test(tc, channels_over_ssh);
 	tcase_add_test(tc, agent_authentication);
 	tcase_add_test(tc, unknown_host_key_refused);
 	tcase_add_test(tc, changed_host_key_refused);

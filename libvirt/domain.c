@@ -44,6 +44,7 @@
 #include <libvirt/libvirt.h>
 #include <libvirt/virterror.h>
 
+#include "vmig/migrate.h"
 #include "vmig/util.h"
 #include "libvirt-internal.h"
 
@@ -230,6 +231,39 @@ static int vm_status_within(struct lv_server *s, const char *name, int timeout_m
 		*st = NULL;
 	}
 	return ret;
+}
+
+/*
+ * migrate-set-max-speed while the VM migrates: its VMM's set-bandwidth.
+ * Best effort: no migration (ENOENT) or a VMM busy connecting is fine,
+ * the setting applies to the next migration anyway.
+ */
+static void set_running_bandwidth(struct lv_server *s, const char *name, uint64_t bps)
+{
+	struct vmig_ctl_reader rd;
+	struct json_object *req, *reply = NULL;
+	struct pollfd pfd;
+	char path[4200];
+	int fd, ret;
+
+	if (vm_sock(s, name, path, sizeof(path)) < 0 || vmig_ctl_connect(path, &fd) < 0)
+		return;
+	req = vmig_ctl_request("set-bandwidth");
+	if (req)
+		json_object_object_add(req, "bandwidth_bps", json_object_new_int64(
+			bps > INT64_MAX ? INT64_MAX : (int64_t)bps));
+	ret = req ? vmig_ctl_send(fd, req) : -ENOMEM;
+	json_object_put(req);
+	pfd = (struct pollfd){ .fd = fd, .events = POLLIN };
+	if (ret == 0 && poll(&pfd, 1, 1000) > 0) {
+		vmig_ctl_reader_init(&rd, fd);
+		if (vmig_ctl_recv(&rd, &reply) == 0 && vmig_ctl_reply_status(reply, NULL) == 0)
+			vmig_log(VMIG_LOG_INFO, "libvirt: %s: the running migration now goes at "
+				 "most %" PRIu64 " bytes/s", name, bps);
+		json_object_put(reply);
+		vmig_ctl_reader_fini(&rd);
+	}
+	close(fd);
 }
 
 /* A UUID derived from the name (version 8, "custom"): stable everywhere. */
@@ -1751,6 +1785,9 @@ static int p_set_max_speed(struct lv_call *c)
 		}
 		vmig_log(VMIG_LOG_INFO, "libvirt: %s: migration bandwidth %" PRIu64 " MiB/s",
 			 dom.name, bw);
+		/* A migration already running takes the new cap at once. */
+		set_running_bandwidth(c->srv, dom.name,
+				      bw > UINT64_MAX / 1048576 ? UINT64_MAX : bw * 1048576);
 		DONE(0);
 	}
 }
@@ -1976,9 +2013,9 @@ static int build_request(struct lv_call *c, const char *name, const char *dconnu
 					     "with lz4 only, not '%s'", cmp->type ==
 					     VIR_TYPED_PARAM_STRING ? cmp->v.s : "?");
 	}
-	if (par && par->v.i < 1)
-		return vmig__lv_fail(c, VIR_ERR_INVALID_ARG, "parallel.connections must be at "
-				     "least 1");
+	if (par && (par->v.i < 1 || par->v.i > (int)VMIG_MIGRATE_MAX_CHANNELS))
+		return vmig__lv_fail(c, VIR_ERR_INVALID_ARG, "parallel.connections must be 1 "
+				     "to %u", VMIG_MIGRATE_MAX_CHANNELS);
 
 	req = vmig_ctl_request("migrate");
 	if (!req)
@@ -2042,19 +2079,21 @@ static int build_request(struct lv_call *c, const char *name, const char *dconnu
 		downtime ? (int64_t)downtime : 300));
 	json_object_object_add(req, "timeout_s", json_object_new_int64(0));
 	json_object_object_add(req, "on_timeout", json_object_new_string("cancel"));
-	json_object_object_add(req, "compress", json_object_new_boolean(
-		(flags & VIR_MIGRATE_COMPRESSED) || param_find(p, np, VIR_MIGRATE_PARAM_COMPRESSION,
-							       VIR_TYPED_PARAM_STRING)));
+	/* Asked for: lz4 on every page; else vmig's default (lz4 while it pays). */
+	if ((flags & VIR_MIGRATE_COMPRESSED) ||
+	    param_find(p, np, VIR_MIGRATE_PARAM_COMPRESSION, VIR_TYPED_PARAM_STRING))
+		json_object_object_add(req, "compress", json_object_new_string("lz4"));
 	/* libvirt resumes a VM paused for a non-live migration unless told not to. */
 	json_object_object_add(req, "resume", json_object_new_boolean(
 		!(flags & VIR_MIGRATE_LIVE) && running && !(flags & VIR_MIGRATE_PAUSED)));
 	if (speed)
-		json_object_object_add(req, "max_bandwidth_bps", json_object_new_uint64(
+		json_object_object_add(req, "bandwidth_bps", json_object_new_uint64(
 			speed > UINT64_MAX / 1048576 ? UINT64_MAX : speed * 1048576));
 	if (flags & VIR_MIGRATE_PARALLEL)
 		json_object_object_add(req, "channels", json_object_new_int(par ? par->v.i : 2));
+	/* vmig throttles a guest that outruns the link by default; say so. */
 	if (flags & VIR_MIGRATE_AUTO_CONVERGE)
-		json_object_object_add(req, "auto_converge", json_object_new_boolean(1));
+		json_object_object_add(req, "max_throttle", json_object_new_int(99));
 	*out = req;
 	return 0;
 }

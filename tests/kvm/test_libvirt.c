@@ -886,7 +886,7 @@ START_TEST(virsh_migrate_p2p)
 	serve_log("a", log, sizeof(log));
 	ck_assert_msg(r.status == 0, "virsh migrate: %d %s %s (endpoint: %s)", r.status, r.out,
 		      r.err, log);
-	ck_assert_msg(strstr(log, "\"max_bandwidth_bps\":524288000"), "bandwidth not passed: %s",
+	ck_assert_msg(strstr(log, "\"bandwidth_bps\":524288000"), "bandwidth not passed: %s",
 		      log);
 	ck_assert_msg(strstr(log, "\"uri\":\"ssh://"), "not over ssh: %s", log);
 
@@ -936,6 +936,19 @@ START_TEST(virsh_jobinfo_and_abort)
 	ck_assert_msg(strstr(r.out, "Memory bandwidth") && strstr(r.out, "Dirty rate"),
 		      "domjobinfo: %s", r.out);
 
+	/* migrate-setspeed reaches the running migration's cap at once. */
+	VIRSH_A(&r, "migrate-setspeed", "lv2", "64");
+	ck_assert_msg(r.status == 0, "migrate-setspeed: %s", r.err);
+	{
+		struct json_object *st = status_json(run_a, "lv2"), *mg = NULL;
+
+		ck_assert(json_object_object_get_ex(st, "migration", &mg));
+		ck_assert_msg(json_object_get_int64(json_object_object_get(mg,
+			      "bandwidth_limit_bps")) == 64 << 20, "%s",
+			      json_object_to_json_string(mg));
+		json_object_put(st);
+	}
+
 	VIRSH_A(&r, "domjobabort", "lv2");
 	ck_assert_msg(r.status == 0, "domjobabort: %s", r.err);
 	finish(&mig, pid, o, e);
@@ -983,9 +996,9 @@ START_TEST(api_migrate_with_job_stats)
 
 	/* The typed parameters arrived unchanged and became vmig's options. */
 	ck_assert_msg(strstr(log, "\"dest_name\":\"lv4b\""), "dname: %s", log);
-	ck_assert_msg(strstr(log, "\"max_bandwidth_bps\":314572800"), "bandwidth: %s", log);
+	ck_assert_msg(strstr(log, "\"bandwidth_bps\":314572800"), "bandwidth: %s", log);
 	ck_assert_msg(strstr(log, "\"channels\":1"), "parallel connections: %s", log);
-	ck_assert_msg(strstr(log, "\"compress\":true"), "compression: %s", log);
+	ck_assert_msg(strstr(log, "\"compress\":\"lz4\""), "compression: %s", log);
 
 	ck_assert(!exists_in(run_a, "lv4", "sock"));
 	{

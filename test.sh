@@ -1,7 +1,8 @@
 #!/bin/sh
 # Run vmig's whole test suite on this machine: installs what is missing
-# (Debian packages), builds in _build/, runs `make check` and prints the
-# totals as its last line.  KVM tests need /dev/kvm (they skip without it).
+# (Debian packages), builds in _build/, runs `make check` and the Linux
+# guest suite (`make check-linux`), and prints the totals as its last line.
+# KVM tests need /dev/kvm (they skip without it).
 set -u
 top=$(cd "$(dirname "$0")" && pwd)
 build=${VMIG_BUILD_DIR:-"$top/_build"}
@@ -11,6 +12,10 @@ cd "$build"
 rm -f $(find tests -name '*.trs' -o -name '*.log' 2>/dev/null)
 make -s check >/dev/null 2>&1
 status=$?
+# The Linux guest suite, once (not in TESTS, so .ci/run's sanitizer rerun
+# skips it).  Its first run builds the test kernel from Debian's
+# linux-source-6.1 (about 6.5 minutes at -j2), cached in ~/.cache/vmig.
+make -s check-linux >/dev/null 2>&1 || status=1
 for log in $(find tests -name '*.log' | sort); do
 	trs=${log%.log}.trs
 	[ -f "$trs" ] || continue

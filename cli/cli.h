@@ -43,6 +43,7 @@ int cmd_pause(int argc, char **argv);
 int cmd_resume(int argc, char **argv);
 int cmd_stop(int argc, char **argv);
 int cmd_console(int argc, char **argv);
+int cmd_shutdown(int argc, char **argv);
 int cmd_libvirt_serve(int argc, char **argv);
 int cmd_evacuate(int argc, char **argv);
 int cmd_host_info(int argc, char **argv);

@@ -247,6 +247,33 @@ int cmd_stop(int argc, char **argv)
 	return VMIG_EXIT_OK;
 }
 
+int cmd_shutdown(int argc, char **argv)
+{
+	struct json_object *reply;
+	const char *name = NULL;
+	bool json;
+	int ret;
+
+	ret = parse_simple("shutdown", argc, argv, false, true, &json, &name,
+			   "Usage: vmig shutdown NAME\n\n"
+			   "Ask VM NAME's guest to power itself off, and wait (60 s at most) until\n"
+			   "it has and its VMM process has exited.  Only vmig's built-in guest can\n"
+			   "be asked; use vmig stop for others.\n");
+	if (ret)
+		return ret;
+	if (cli_vm_call(name, "shutdown", &reply) < 0)
+		return VMIG_EXIT_ERROR;
+	json_object_put(reply);
+	ret = cli_wait_gone(name, 60000);
+	if (ret == -ETIMEDOUT) {
+		cli_error("VM '%s' was asked to shut down but still runs after 60 s "
+			  "(vmig stop %s ends it)", name, name);
+		return VMIG_EXIT_ERROR;
+	}
+	printf("VM '%s' shut down\n", name);
+	return VMIG_EXIT_OK;
+}
+
 static int cmp_str(const void *a, const void *b)
 {
 	return strcmp(*(char *const *)a, *(char *const *)b);

@@ -283,6 +283,29 @@ static struct json_object *handle_request(struct server *s, struct client *clien
 		vmig_log(VMIG_LOG_INFO, "resumed");
 		return cli_vm_status_json(s->vm);
 	}
+	/*
+	 * "shutdown": ask the guest to power itself off; the VMM then ends as
+	 * on any guest power-off.  Only the built-in guest can be asked (no
+	 * ACPI power button yet for kernels).
+	 */
+	if (!strcmp(cmd, "shutdown")) {
+		if (s->mig)
+			return vmig_ctl_reply_error(EBUSY, "a migration is in progress "
+						    "(vmig cancel %s first)",
+						    vmig_vm_config(s->vm)->name);
+		if (vmig_vm_state(s->vm) != VMIG_VM_RUNNING)
+			return vmig_ctl_reply_error(EBUSY, "the VM is not running: a paused "
+						    "guest cannot shut itself down (vmig "
+						    "resume, or vmig stop)");
+		ret = vmig_guest_request_shutdown(s->vm);
+		if (ret)
+			return vmig_ctl_reply_error(ENOTSUP, "this guest cannot be asked to shut "
+						    "down (only vmig's built-in guest can: a Linux "
+						    "guest has no ACPI power button here yet); "
+						    "use vmig stop");
+		vmig_log(VMIG_LOG_INFO, "asked the guest to shut down");
+		return vmig_ctl_reply_ok();
+	}
 	if (!strcmp(cmd, "stop")) {
 		if (s->mig) {
 			/* Before COMMIT this resumes the VM here, which we then stop. */
@@ -293,7 +316,8 @@ static struct json_object *handle_request(struct server *s, struct client *clien
 		return vmig_ctl_reply_ok();
 	}
 	return vmig_ctl_reply_error(EOPNOTSUPP, "unknown command \"%s\" (expected status, "
-				    "pause, resume, stop, migrate, save or cancel)", cmd);
+				    "pause, resume, stop, shutdown, migrate, save, cancel or "
+				    "set-bandwidth)", cmd);
 }
 
 static void drop_client(struct server *s, unsigned int i)

@@ -31,6 +31,7 @@ static const struct command commands[] = {
 	{ "pause",  cmd_pause,  "pause a VM's vCPUs" },
 	{ "resume", cmd_resume, "resume a paused VM" },
 	{ "stop",   cmd_stop,   "stop a VM and end its VMM process" },
+	{ "shutdown", cmd_shutdown, "ask a VM's guest to power itself off" },
 	{ "console", cmd_console, "attach the terminal to a VM's serial console" },
 	{ "migrate", cmd_migrate, "live-migrate a VM to another host" },
 	{ "incoming", cmd_incoming, "receive a live migration" },

@@ -1123,8 +1123,8 @@ static int simple_vm_cmd(struct lv_call *c, const char *cmd, bool with_flags)
 		json_object_put(r);
 		if (ret == -EOPNOTSUPP && !strcmp(cmd, "shutdown")) {
 			vmig__lv_fail(c, VIR_ERR_OPERATION_UNSUPPORTED, "VM '%s' cannot be asked "
-				      "to shut down: its VMM has no guest power button (use "
-				      "'virsh destroy' to stop it)", dom.name);
+				      "to shut down: %s (use 'virsh destroy' to stop it)", dom.name,
+				      msg[0] ? msg : "its guest has no power button here");
 			DONE(-1);
 		}
 		if (ret < 0) {

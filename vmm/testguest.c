@@ -154,6 +154,17 @@ int vmig_guest_set_iteration(const struct vmig_vm *vm, uint64_t iteration)
 	return 0;
 }
 
+int vmig_guest_request_shutdown(const struct vmig_vm *vm)
+{
+	volatile struct vmig_guest_status *st = status_page(vm);
+
+	/* Only the built-in guest reads this page: never write into a kernel's. */
+	if (!st || !vm->workload || st->magic != VMIG_GUEST_STATUS_MAGIC)
+		return -EFAULT;
+	st->host_shutdown = 1;
+	return 0;
+}
+
 /* The stamp a page holds after generation @gen (all zero for 0). */
 static void expected_stamp(struct vmig_guest_stamp *s, uint64_t gpa, uint64_t gen,
 			   unsigned int vcpu)

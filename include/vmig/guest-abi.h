@@ -122,7 +122,10 @@ struct vmig_guest_status {
 	uint64_t host_iteration;
 	uint64_t fill;           /* VMIG_GUEST_FILL_*: what a page write puts in the body */
 	uint64_t idle_after;     /* passes before the vCPUs stop writing, 0 = never */
-	uint64_t reserved[5];
+	/* Written by the host: non-zero asks vCPU 0 to power the guest off
+	 * (exit port, status OK) at its next loop turn: vmig shutdown. */
+	uint64_t host_shutdown;
+	uint64_t reserved[4];
 	struct vmig_guest_vcpu vcpu[VMIG_GUEST_MAX_VCPUS];
 };
 

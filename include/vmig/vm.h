@@ -279,4 +279,12 @@ int vmig_guest_workload_check(const char *spec, uint64_t mem_size,
 /* Set host_iteration in the status page (the guest stamps it into pages). */
 int vmig_guest_set_iteration(const struct vmig_vm *vm, uint64_t iteration);
 
+/*
+ * Ask the built-in guest to power itself off (host_shutdown): vCPU 0 does
+ * at its next loop turn, and the VM stops as on any guest power-off.
+ * -EFAULT if the guest has not set up its status page (not the built-in
+ * guest, or still booting).  Any thread.
+ */
+int vmig_guest_request_shutdown(const struct vmig_vm *vm);
+
 #endif /* VMIG_VM_H */

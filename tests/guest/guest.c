@@ -1159,6 +1159,11 @@ static void __attribute__((noreturn, used)) user_main(uint64_t cpu)
 			u_progress(st, "");
 			next_print = rdtsc() + 2 * hz;
 		}
+		if (cpu == 0 && st->host_shutdown) {
+			/* The host asks for a clean power-off (vmig shutdown). */
+			u_progress(st, "shutdown: ");
+			u_outb(VMIG_GUEST_EXIT_PORT, GUEST_EXIT_OK);
+		}
 		if (done) {
 			if (cpu == 0)
 				u_maybe_power_off(st);

@@ -886,6 +886,42 @@ static void wait_gone(pid_t pid, const char *name)
 		      "VMM of %s left its socket or pid file", name);
 }
 
+/*
+ * vmig shutdown: the built-in guest powers itself off when asked; the VMM
+ * ends as on any guest power-off and says so in its log.  A paused guest
+ * cannot do it: refused, and it stays.
+ */
+START_TEST(shutdown_asks_the_guest)
+{
+	struct result r;
+	char path[512], log[8192];
+
+	RUN(&r, "run", "sd", "--memory", "64M", "--workload", "rate=1000,wss=4M", "--detach");
+	ck_assert_msg(r.status == 0, "run: %s", r.err);
+	pages_written_after_boot("sd");
+	RUN(&r, "pause", "sd");
+	ck_assert_int_eq(r.status, 0);
+	RUN(&r, "shutdown", "sd");
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "paused"), "%s", r.err);
+	RUN(&r, "resume", "sd");
+	ck_assert_int_eq(r.status, 0);
+	RUN(&r, "shutdown", "sd");
+	ck_assert_msg(r.status == 0, "shutdown: exit %d: %s", r.status, r.err);
+	ck_assert_msg(strstr(r.out, "shut down"), "%s", r.out);
+	ck_assert(!exists("sd", "sock") && !exists("sd", "pid"));
+	snprintf(path, sizeof(path), "%s/sd.log", run_dir);
+	{
+		FILE *f = fopen(path, "r");
+
+		ck_assert_msg(f, "no %s", path);
+		read_all(fileno(f), log, sizeof(log));
+		fclose(f);
+	}
+	ck_assert_msg(strstr(log, "shutdown:") && strstr(log, "power"), "log: %s", log);
+}
+END_TEST
+
 START_TEST(sigterm_stops_cleanly)
 {
 	struct result r;
@@ -1029,6 +1065,7 @@ int main(void)
 	tcase_add_test(tc, detached_vm_lifecycle);
 	tcase_add_test(tc, name_already_running);
 	tcase_add_test(tc, sigterm_stops_cleanly);
+	tcase_add_test(tc, shutdown_asks_the_guest);
 	tcase_add_test(tc, foreground_guest_power_off);
 	tcase_add_test(tc, bad_flags);
 	tcase_add_test(tc, no_permission_on_kvm);

@@ -577,6 +577,20 @@ START_TEST(virsh_list_info_control)
 	ck_assert_msg(r.status == 0 && !line_of(r.out, "lv1"), "after destroy: %s", r.out);
 	VIRSH_A(&r, "dominfo", "lv1");
 	ck_assert_msg(r.status != 0 && strstr(r.err, "failed to get domain"), "dominfo: %s", r.err);
+
+	/* shutdown asks the guest, which powers itself off; the VM goes. */
+	start_vm("lv1s", "64M", "rate=1000,wss=4M");
+	VIRSH_A(&r, "shutdown", "lv1s");
+	ck_assert_msg(r.status == 0, "virsh shutdown: %s %s", r.out, r.err);
+	{
+		uint64_t end = kvm_test_now_ms() + 20000;
+
+		while (exists_in(run_a, "lv1s", "sock") && kvm_test_now_ms() < end)
+			kvm_test_sleep_ms(50);
+	}
+	ck_assert_msg(!exists_in(run_a, "lv1s", "sock"), "the guest did not shut down");
+	VIRSH_A(&r, "list", "--all");
+	ck_assert_msg(r.status == 0 && !line_of(r.out, "lv1s"), "after shutdown: %s", r.out);
 }
 END_TEST
 

@@ -1188,8 +1188,10 @@ static int precopy(struct vmig_migration *m)
 		else
 			m->stats.eta_ms = 0;
 		pthread_mutex_unlock(&m->lock);
-		/* Short iterations come by the thousand: report a few per second. */
-		if (vmig__now_ns() - m->last_progress_ns >= PROGRESS_NS)
+		/* Short iterations come by the thousand: report a few per second,
+		 * but always the end of the first pass and of long ones. */
+		if (iter == 1 || dt >= PROGRESS_NS / 4 ||
+		    vmig__now_ns() - m->last_progress_ns >= PROGRESS_NS)
 			publish(m, VMIG_MIGRATE_ACTIVE);
 
 		/* A paused VM (or a save) goes in one pass: nothing dirties it. */

@@ -999,12 +999,14 @@ START_TEST(api_migrate_with_job_stats)
 	ck_assert_msg(p && atoi(p + 10) >= 1, "no job stats during the migration: %s", r.out);
 	p = strstr(r.out, "complete=");
 	ck_assert_msg(p && atoi(p + 9) >= 1, "job stats without a migration's fields: %s", r.out);
-	/* vmig publishes its counters at the end of each pass: the first pass
-	 * (48 MiB that lz4 cannot shrink) ends before the switchover. */
+	/* vmig publishes its counters a few times a second and at the end of
+	 * each long pass; how much the polls catch before the switchover
+	 * depends on the machine's load, so only: some, and no more than all. */
 	p = strstr(r.out, "total=");
 	ck_assert_msg(p && strtoull(p + 6, NULL, 10) == 128ull << 20, "memory_total: %s", r.out);
 	p = strstr(r.out, "max_processed=");
-	ck_assert_msg(p && strtoull(p + 14, NULL, 10) >= 32ull << 20, "data_processed: %s", r.out);
+	ck_assert_msg(p && strtoull(p + 14, NULL, 10) > 0 &&
+		      strtoull(p + 14, NULL, 10) <= 2 * (128ull << 20), "data_processed: %s", r.out);
 	p = strstr(r.out, "jobinfo=");
 	ck_assert_msg(p && atoi(p + 8) >= 1, "virDomainGetJobInfo saw no job: %s", r.out);
 

@@ -786,16 +786,29 @@ static void h_check_the_checker(struct harness *h)
 	verify(h, &vd, false);
 	ck_assert_msg(vd.lost == 0 && vd.spurious == 0, "%s", vd.first_bad);
 
+	/*
+	 * Drop a reported work page the guest wrote in this iteration: the
+	 * checker must call it lost.  (A reported page may also be one the
+	 * log reports again without a new write -- harmless, and dropping it
+	 * loses nothing -- so try the reported ones until one was written.)
+	 */
+	q = 0;
 	for (p = vmig_bitmap_next_set(&h->dirty, 0); p < h->nr_pages;
-	     p = vmig_bitmap_next_set(&h->dirty, p + 1))
-		if (vmig_dirtylog_page_gpa(h->dl, p) >= VMIG_GUEST_WS_START)
+	     p = vmig_bitmap_next_set(&h->dirty, p + 1)) {
+		if (vmig_dirtylog_page_gpa(h->dl, p) < VMIG_GUEST_WS_START)
+			continue;
+		q++;
+		vmig_bitmap_clear(&h->dirty, p);
+		verify(h, &vd, false);
+		vmig_bitmap_set(&h->dirty, p);
+		ck_assert_msg(vd.spurious == 0 && vd.lost <= 1, "dropping page %" PRIu64 ": %"
+			      PRIu64 " lost, %" PRIu64 " spurious", p, vd.lost, vd.spurious);
+		if (vd.lost == 1)
 			break;
-	ck_assert_msg(p < h->nr_pages, "no work page reported at all");
-	vmig_bitmap_clear(&h->dirty, p);
-	verify(h, &vd, false);
-	ck_assert_msg(vd.lost == 1 && vd.spurious == 0, "dropping page %" PRIu64 ": %" PRIu64
-		      " lost, %" PRIu64 " spurious", p, vd.lost, vd.spurious);
-	vmig_bitmap_set(&h->dirty, p);
+	}
+	ck_assert_msg(q > 0, "no work page reported at all");
+	ck_assert_msg(p < h->nr_pages, "dropping each of the %" PRIu64 " reported work pages "
+		      "went unnoticed", q);
 
 	/* The last page of RAM: never a work page anyone writes here. */
 	q = h->nr_pages - 1;

@@ -125,7 +125,7 @@ static void usage(FILE *f)
 		"vmig runs KVM virtual machines and moves them between hosts.\n\n"
 		"Commands:\n");
 	for (i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
-		fprintf(f, "  %-9s %s\n", commands[i].name, commands[i].summary);
+		fprintf(f, "  %-14s %s\n", commands[i].name, commands[i].summary);
 	fprintf(f, "\nRun 'vmig COMMAND --help' for a command's options; "
 		"'man vmig' and 'man vmig-COMMAND' for the manuals.\n"
 		"Environment: VMIG_RUN_DIR (run directory), VMIG_LOG (error|warn|info|debug).\n");

@@ -29,6 +29,7 @@
 
 #include "vmig/transport.h"
 #include "kvm-test.h"
+#include "proc-test.h"
 
 #define SSHD       "/usr/sbin/sshd"
 #define SSH_KEYGEN "/usr/bin/ssh-keygen"
@@ -57,42 +58,6 @@ struct result {
 	char out[65536];
 	char err[65536];
 };
-
-static void read_all(int fd, char *buf, size_t cap)
-{
-	size_t len = 0;
-	ssize_t n;
-
-	while (len < cap - 1 && (n = read(fd, buf + len, cap - 1 - len)) != 0) {
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			break;
-		}
-		len += (size_t)n;
-	}
-	buf[len] = 0;
-}
-
-static void read_file(const char *path, char *buf, size_t cap)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-
-	buf[0] = 0;
-	if (fd < 0)
-		return;
-	read_all(fd, buf, cap);
-	close(fd);
-}
-
-static void write_file(const char *path, const char *text, mode_t mode)
-{
-	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-
-	ck_assert_msg(fd >= 0, "cannot write %s: %s", path, strerror(errno));
-	ck_assert_int_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
-	close(fd);
-}
 
 static void append_file(const char *path, const char *text)
 {
@@ -127,8 +92,8 @@ static void run_argv(struct result *r, const char *run_dir, const char *const *a
 	}
 	close(out[1]);
 	close(err[1]);
-	read_all(err[0], r->err, sizeof(r->err));
-	read_all(out[0], r->out, sizeof(r->out));
+	kvm_test_read_all(err[0], r->err, sizeof(r->err));
+	kvm_test_read_all(out[0], r->out, sizeof(r->out));
 	close(out[0]);
 	close(err[0]);
 	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
@@ -275,33 +240,6 @@ static void keygen(const char *path)
 	ck_assert_msg(r.status == 0, "ssh-keygen -f %s: %s", path, r.err);
 }
 
-static int free_port(void)
-{
-	struct sockaddr_in sa = { .sin_family = AF_INET };
-	socklen_t len = sizeof(sa);
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), port;
-
-	ck_assert_int_ge(fd, 0);
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-	ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
-	port = ntohs(sa.sin_port);
-	close(fd);
-	return port;
-}
-
-static bool port_open(int port)
-{
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	bool ok;
-
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	ok = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
-	close(fd);
-	return ok;
-}
-
 /* Start @t's sshd; its sessions see @free_mem as this host's free memory. */
 static void start_target(struct target *t, const char *free_mem)
 {
@@ -316,7 +254,7 @@ static void start_target(struct target *t, const char *free_mem)
 	snprintf(auth, sizeof(auth), "%s/authorized_keys", dir);
 	snprintf(conf, sizeof(conf), "%s/sshd_config", t->sdir);
 	snprintf(log, sizeof(log), "%s/sshd.log", t->sdir);
-	t->port = free_port();
+	t->port = kvm_test_free_port();
 	snprintf(text, sizeof(text),
 		 "ListenAddress 127.0.0.1\n"
 		 "Port %d\n"
@@ -332,7 +270,7 @@ static void start_target(struct target *t, const char *free_mem)
 		 "SetEnv VMIG_RUN_DIR=%s VMIG_TEST_FREE_MEMORY=%s\n"
 		 "LogLevel VERBOSE\n",
 		 t->port, hostkey, auth, t->sdir, t->run, free_mem);
-	write_file(conf, text, 0600);
+	kvm_test_write_file(conf, text, 0600);
 	if (geteuid() == 0 && mkdir("/run/sshd", 0755) < 0 && errno != EEXIST)
 		ck_abort_msg("cannot create /run/sshd: %s", strerror(errno));
 	t->pid = fork();
@@ -345,12 +283,12 @@ static void start_target(struct target *t, const char *free_mem)
 		_exit(127);
 	}
 	end = kvm_test_now_ms() + 10000;
-	while (!port_open(t->port)) {
+	while (!kvm_test_port_open(t->port)) {
 		int st;
 
 		if (waitpid(t->pid, &st, WNOHANG) == t->pid) {
 			t->pid = 0;
-			read_file(log, text, sizeof(text));
+			kvm_test_read_file(log, text, sizeof(text));
 			ck_abort_msg("sshd of %c exited at start: %s", t->name, text);
 		}
 		ck_assert_msg(kvm_test_now_ms() < end, "sshd does not listen on port %d", t->port);
@@ -359,7 +297,7 @@ static void start_target(struct target *t, const char *free_mem)
 	snprintf(t->uri, sizeof(t->uri), "ssh://%s@127.0.0.1:%d", pw->pw_name, t->port);
 	/* Trust its host key. */
 	snprintf(pub, sizeof(pub), "%s.pub", hostkey);
-	read_file(pub, text, sizeof(text));
+	kvm_test_read_file(pub, text, sizeof(text));
 	text[strcspn(text, "\n")] = 0;
 	sp = strrchr(text, ' ');       /* drop the comment */
 	if (sp && sp != strchr(text, ' '))
@@ -410,10 +348,10 @@ static void setup(void)
 	keygen(text);
 	keygen(user_key);
 	snprintf(pub, sizeof(pub), "%s.pub", user_key);
-	read_file(pub, text, sizeof(text));
+	kvm_test_read_file(pub, text, sizeof(text));
 	snprintf(pub, sizeof(pub), "%s/authorized_keys", dir);
-	write_file(pub, text, 0600);
-	write_file(known_hosts, "", 0600);
+	kvm_test_write_file(pub, text, 0600);
+	kvm_test_write_file(known_hosts, "", 0600);
 	extra_target[0] = 0;
 	/* Nothing of the user's: no agent, no ~/.ssh. */
 	unsetenv("SSH_AUTH_SOCK");
@@ -537,7 +475,7 @@ static bool incoming_log_says(const char *run_dir, const char *what)
 			if (strncmp(e->d_name, "incoming.", 9) || !strstr(e->d_name, ".log"))
 				continue;
 			snprintf(path, sizeof(path), "%s/%s", run_dir, e->d_name);
-			read_file(path, text, sizeof(text));
+			kvm_test_read_file(path, text, sizeof(text));
 			if (strstr(text, what)) {
 				closedir(d);
 				return true;
@@ -600,7 +538,7 @@ START_TEST(evacuate_to_two_targets)
 	ck_assert_msg(strstr(r.err, "total:") && strstr(r.err, "starting"),
 		      "no progress or events on stderr: %s", r.err);
 
-	read_file(report, text, sizeof(text));
+	kvm_test_read_file(report, text, sizeof(text));
 	rep = parse_json(text);
 	ck_assert_str_eq(jstr(rep, "result"), "completed");
 	ck_assert_uint_eq(ju64(rep, "moved"), 4);
@@ -705,7 +643,7 @@ START_TEST(one_vm_fails_the_others_complete)
 	end = kvm_test_now_ms() + 30000;
 	do {
 		kvm_test_sleep_ms(5);
-		read_file(err_path, errs, sizeof(errs));
+		kvm_test_read_file(err_path, errs, sizeof(errs));
 	} while (!strstr(errs, "evf1 (128.0 MiB)") && kvm_test_now_ms() < end);
 	kill(ev, SIGSTOP);
 	ck_assert_msg(strstr(errs, "evf1 (128.0 MiB)"), "evacuate never started evf1: %s", errs);
@@ -715,14 +653,14 @@ START_TEST(one_vm_fails_the_others_complete)
 	ck_assert_msg(r.status == 0, "host-info --drain: %s", r.err);
 
 	ck_assert_int_eq(waitpid(ev, &st, 0), ev);
-	read_file(err_path, errs, sizeof(errs));
-	read_file(out, text, sizeof(text));
+	kvm_test_read_file(err_path, errs, sizeof(errs));
+	kvm_test_read_file(out, text, sizeof(text));
 	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 1, "evacuate: %d\n%s\n%s", st, text,
 		      errs);
 	ck_assert_msg(strstr(text, "2 of 3 VMs moved") && strstr(text, "1 failed") &&
 		      strstr(text, "evf2"), "summary: %s", text);
 
-	read_file(report, text, sizeof(text));
+	kvm_test_read_file(report, text, sizeof(text));
 	rep = parse_json(text);
 	ck_assert_str_eq(jstr(rep, "result"), "incomplete");
 	ck_assert_uint_eq(ju64(rep, "moved"), 2);
@@ -796,19 +734,19 @@ START_TEST(ctrl_c_cancels_running_ones)
 			started += exists_in(tb.run, names[i], "pid") ||
 				   exists_in(tc.run, names[i], "pid");
 	} while (started < 2 && kvm_test_now_ms() < end);
-	read_file(err_path, errs, sizeof(errs));
+	kvm_test_read_file(err_path, errs, sizeof(errs));
 	ck_assert_msg(started == 2, "%u migrations under way, expected 2: %s", started, errs);
 	kvm_test_sleep_ms(300);
 	kill(ev, SIGINT);
 
 	ck_assert_int_eq(waitpid(ev, &st, 0), ev);
-	read_file(err_path, errs, sizeof(errs));
-	read_file(out, text, sizeof(text));
+	kvm_test_read_file(err_path, errs, sizeof(errs));
+	kvm_test_read_file(out, text, sizeof(text));
 	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 1, "evacuate: %d\n%s\n%s", st, text,
 		      errs);
 	ck_assert_msg(strstr(errs, "cancelling"), "no word of the cancel: %s", errs);
 
-	read_file(report, text, sizeof(text));
+	kvm_test_read_file(report, text, sizeof(text));
 	rep = parse_json(text);
 	ck_assert_str_eq(jstr(rep, "result"), "interrupted");
 	ck_assert_uint_eq(ju64(rep, "moved"), 0);
@@ -864,7 +802,7 @@ START_TEST(timeout_per_gib_cancel_and_force)
 	evacuate(&r, (const char *const[]){ "evt", "--max-downtime", "1", "--timeout-per-gib",
 					    "8", "--report", report, NULL });
 	ck_assert_msg(r.status == 1, "evacuate: exit %d: %s %s", r.status, r.out, r.err);
-	read_file(report, text, sizeof(text));
+	kvm_test_read_file(report, text, sizeof(text));
 	rep = parse_json(text);
 	v = report_vm(rep, "evt");
 	ck_assert_msg(strcmp(jstr(v, "result"), "completed") && jstr(v, "error") &&
@@ -878,7 +816,7 @@ START_TEST(timeout_per_gib_cancel_and_force)
 					    "8", "--on-timeout", "force", "--report", report,
 					    NULL });
 	ck_assert_msg(r.status == 0, "forced: exit %d: %s %s", r.status, r.out, r.err);
-	read_file(report, text, sizeof(text));
+	kvm_test_read_file(report, text, sizeof(text));
 	rep = parse_json(text);
 	ck_assert_str_eq(jstr(report_vm(rep, "evt"), "result"), "completed");
 	json_object_put(rep);
@@ -922,7 +860,7 @@ START_TEST(vm_started_during_evacuation_is_reported)
 	end = kvm_test_now_ms() + 30000;
 	do {
 		kvm_test_sleep_ms(5);
-		read_file(err_path, errs, sizeof(errs));
+		kvm_test_read_file(err_path, errs, sizeof(errs));
 	} while (!strstr(errs, "evl1 (64.0 MiB)") && kvm_test_now_ms() < end);
 	kill(ev, SIGSTOP);
 	snprintf(mark, sizeof(mark), "%s/drain", run_a);
@@ -933,11 +871,11 @@ START_TEST(vm_started_during_evacuation_is_reported)
 	kill(ev, SIGCONT);
 	ck_assert_msg(r.status == 0, "run evl2: %s", r.err);
 	ck_assert_int_eq(waitpid(ev, &st, 0), ev);
-	read_file(err_path, errs, sizeof(errs));
+	kvm_test_read_file(err_path, errs, sizeof(errs));
 	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 1, "evacuate: %d: %s", st, errs);
 	ck_assert_msg(strstr(errs, "not moved") && strstr(errs, "evl2"), "%s", errs);
 
-	read_file(report, text, sizeof(text));
+	kvm_test_read_file(report, text, sizeof(text));
 	rep = parse_json(text);
 	ck_assert_str_eq(jstr(rep, "result"), "incomplete");
 	ck_assert_str_eq(jstr(report_vm(rep, "evl1"), "result"), "completed");
@@ -962,7 +900,7 @@ START_TEST(dry_run_moves_nothing)
 
 	start_targets("300M", "300M");
 	/* A third target where nothing listens: left out, and the plan says why. */
-	snprintf(extra_target, sizeof(extra_target), "127.0.0.1:%d", free_port());
+	snprintf(extra_target, sizeof(extra_target), "127.0.0.1:%d", kvm_test_free_port());
 	start_vm("evr1", "128M", "rate=2000,wss=2M");
 	start_vm("evr2", "64M", "rate=2000,wss=2M");
 	before = status_in(run_a, "evr1");
@@ -1065,7 +1003,7 @@ START_TEST(plan_that_does_not_fit_is_refused)
 		      strstr(r.err, "Nothing was moved"), "no reason given: %s", r.err);
 	ck_assert_msg(!strstr(r.err, "starting"), "something started: %s", r.err);
 
-	read_file(report, text, sizeof(text));
+	kvm_test_read_file(report, text, sizeof(text));
 	rep = parse_json(text);
 	ck_assert_str_eq(jstr(rep, "result"), "refused");
 	ck_assert_msg(strstr(jstr(rep, "error"), "evn1"), "%s", text);

@@ -34,6 +34,7 @@
 #include <libvirt/virterror.h>
 
 #include "kvm-test.h"
+#include "proc-test.h"
 #include "../../libvirt/libvirt-internal.h"
 
 #define SSHD       "/usr/sbin/sshd"
@@ -57,42 +58,6 @@ struct result {
 	char out[65536];
 	char err[65536];
 };
-
-static void read_all(int fd, char *buf, size_t cap)
-{
-	size_t len = 0;
-	ssize_t n;
-
-	while (len < cap - 1 && (n = read(fd, buf + len, cap - 1 - len)) != 0) {
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			break;
-		}
-		len += (size_t)n;
-	}
-	buf[len] = 0;
-}
-
-static void read_file(const char *path, char *buf, size_t cap)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-
-	buf[0] = 0;
-	if (fd < 0)
-		return;
-	read_all(fd, buf, cap);
-	close(fd);
-}
-
-static void write_file(const char *path, const char *text, mode_t mode)
-{
-	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-
-	ck_assert_msg(fd >= 0, "cannot write %s: %s", path, strerror(errno));
-	ck_assert_int_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
-	close(fd);
-}
 
 /* Start @argv with VMIG_RUN_DIR @run_dir (NULL: keep); stdout and stderr
  * to pipes whose read ends come back in @out_fd/@err_fd. */
@@ -128,8 +93,8 @@ static void finish(struct result *r, pid_t pid, int out_fd, int err_fd)
 {
 	int st;
 
-	read_all(err_fd, r->err, sizeof(r->err));
-	read_all(out_fd, r->out, sizeof(r->out));
+	kvm_test_read_all(err_fd, r->err, sizeof(r->err));
+	kvm_test_read_all(out_fd, r->out, sizeof(r->out));
 	close(out_fd);
 	close(err_fd);
 	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
@@ -254,33 +219,6 @@ static void keygen(const char *path)
 	ck_assert_msg(r.status == 0, "ssh-keygen -f %s: %s", path, r.err);
 }
 
-static int free_port(void)
-{
-	struct sockaddr_in sa = { .sin_family = AF_INET };
-	socklen_t len = sizeof(sa);
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), port;
-
-	ck_assert_int_ge(fd, 0);
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-	ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
-	port = ntohs(sa.sin_port);
-	close(fd);
-	return port;
-}
-
-static bool port_open(int port)
-{
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	bool ok;
-
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	ok = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
-	close(fd);
-	return ok;
-}
-
 static void start_sshd(void)
 {
 	char conf[600], text[4096], log[400], hostkey[400], auth[400], pub[420], line[4200];
@@ -294,18 +232,18 @@ static void start_sshd(void)
 	snprintf(log, sizeof(log), "%s/sshd.log", dir);
 	keygen(hostkey);
 	keygen(user_key);
-	sshd_port = free_port();
+	sshd_port = kvm_test_free_port();
 	snprintf(text, sizeof(text),
 		 "ListenAddress 127.0.0.1\nPort %d\nHostKey %s\nAuthorizedKeysFile %s\n"
 		 "PidFile %s/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
 		 "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
 		 "PrintMotd no\nLogLevel VERBOSE\n", sshd_port, hostkey, auth, dir);
-	write_file(conf, text, 0600);
+	kvm_test_write_file(conf, text, 0600);
 	if (geteuid() == 0 && mkdir("/run/sshd", 0755) < 0 && errno != EEXIST)
 		ck_abort_msg("cannot create /run/sshd: %s", strerror(errno));
 	snprintf(pub, sizeof(pub), "%s.pub", user_key);
-	read_file(pub, text, sizeof(text));
-	write_file(auth, text, 0600);
+	kvm_test_read_file(pub, text, sizeof(text));
+	kvm_test_write_file(auth, text, 0600);
 
 	sshd_pid = fork();
 	ck_assert_int_ge(sshd_pid, 0);
@@ -317,14 +255,14 @@ static void start_sshd(void)
 		_exit(127);
 	}
 	end = kvm_test_now_ms() + 10000;
-	while (!port_open(sshd_port)) {
+	while (!kvm_test_port_open(sshd_port)) {
 		ck_assert_msg(waitpid(sshd_pid, NULL, WNOHANG) == 0, "sshd exited at start");
 		ck_assert_msg(kvm_test_now_ms() < end, "sshd does not listen on port %d", sshd_port);
 		kvm_test_sleep_ms(20);
 	}
 	/* known_hosts with our sshd's key. */
 	snprintf(pub, sizeof(pub), "%s.pub", hostkey);
-	read_file(pub, text, sizeof(text));
+	kvm_test_read_file(pub, text, sizeof(text));
 	nl = strchr(text, '\n');
 	if (nl)
 		*nl = 0;
@@ -332,7 +270,7 @@ static void start_sshd(void)
 	if (sp && sp != strchr(text, ' '))
 		*sp = 0;
 	snprintf(line, sizeof(line), "[127.0.0.1]:%d %s\n", sshd_port, text);
-	write_file(known_hosts, line, 0600);
+	kvm_test_write_file(known_hosts, line, 0600);
 }
 
 /* Connect to an endpoint's socket; -1 if nothing answers. */
@@ -376,7 +314,7 @@ static pid_t start_endpoint(const char *run_dir, const char *sock, const char *t
 	}
 	snprintf(pidf, sizeof(pidf), "%s/serve-%s.pid", dir, tag);
 	snprintf(num, sizeof(num), "%d\n", (int)pid);
-	write_file(pidf, num, 0600);
+	kvm_test_write_file(pidf, num, 0600);
 	for (;;) {
 		int c = connect_to(sock);
 
@@ -396,7 +334,7 @@ static void serve_log(const char *tag, char *buf, size_t len)
 	char path[400];
 
 	snprintf(path, sizeof(path), "%s/serve-%s.log", dir, tag);
-	read_file(path, buf, len);
+	kvm_test_read_file(path, buf, len);
 }
 
 static void setup_common(void)
@@ -437,7 +375,7 @@ static void setup_migration(void)
 	snprintf(rvmig_b, sizeof(rvmig_b), "%s/vmig-on-b", dir);
 	snprintf(text, sizeof(text), "#!/bin/sh\nVMIG_RUN_DIR=%s; export VMIG_RUN_DIR\n"
 		 "exec %s \"$@\"\n", run_b, vmig_bin);
-	write_file(rvmig_b, text, 0755);
+	kvm_test_write_file(rvmig_b, text, 0755);
 	start_sshd();
 	snprintf(dest_uri, sizeof(dest_uri),
 		 "vmig+ssh://%s@127.0.0.1:%d/system?socket=%s&keyfile=%s&known_hosts=%s",
@@ -602,7 +540,7 @@ START_TEST(virsh_create_from_xml)
 	char path[400], *p;
 
 	snprintf(path, sizeof(path), "%s/lv6.xml", dir);
-	write_file(path, "<domain type='kvm'>\n"
+	kvm_test_write_file(path, "<domain type='kvm'>\n"
 		   "  <name>lv6</name>\n"
 		   "  <metadata><vmig:vm xmlns:vmig='https://vmig.dev/xmlns/libvirt/domain/1'>"
 		   "<vmig:workload>rate=500,wss=1M</vmig:workload></vmig:vm></metadata>\n"
@@ -628,7 +566,7 @@ START_TEST(virsh_create_from_xml)
 	p = strstr(r.out, "<name>lv6</name>");
 	ck_assert_ptr_nonnull(p);
 	p[8] = '7';
-	write_file(path, r.out, 0600);
+	kvm_test_write_file(path, r.out, 0600);
 	VIRSH_A(&r, "create", "--paused", path);
 	ck_assert_msg(r.status == 0, "virsh create --paused: %s", r.err);
 	o = status_json(run_a, "lv7");
@@ -637,11 +575,11 @@ START_TEST(virsh_create_from_xml)
 	json_object_put(o);
 
 	/* What vmig cannot build is refused, with vmig's reason. */
-	write_file(path, "<domain type='kvm'><name>lv8</name><memory>65536</memory>"
+	kvm_test_write_file(path, "<domain type='kvm'><name>lv8</name><memory>65536</memory>"
 		   "<os><kernel>/nonexistent/bzImage</kernel></os></domain>", 0600);
 	VIRSH_A(&r, "create", path);
 	ck_assert_msg(r.status != 0 && strstr(r.err, "/nonexistent/bzImage"), "kernel: %s", r.err);
-	write_file(path, "<domain type='kvm'><name>lv8</name><memory>65536</memory>"
+	kvm_test_write_file(path, "<domain type='kvm'><name>lv8</name><memory>65536</memory>"
 		   "<devices><disk type='file'/></devices></domain>", 0600);
 	VIRSH_A(&r, "create", path);
 	ck_assert_msg(r.status != 0 && strstr(r.err, "no disks"), "disk: %s", r.err);
@@ -1034,7 +972,7 @@ START_TEST(virsh_migrate_tcp_migrateuri)
 {
 	char listen[64];
 	struct result r;
-	int port = free_port();
+	int port = kvm_test_free_port();
 
 	snprintf(listen, sizeof(listen), "tcp://127.0.0.1:%d", port);
 	VMIG_B(&r, "incoming", "--listen", listen, "--detach");
@@ -1067,7 +1005,7 @@ START_TEST(virsh_over_libvirt_ssh_transport)
 	snprintf(wrap, sizeof(wrap), "%s/ssh-wrap", dir);
 	snprintf(text, sizeof(text), "#!/bin/sh\nexec ssh -o UserKnownHostsFile=%s "
 		 "-o BatchMode=yes \"$@\"\n", known_hosts);
-	write_file(wrap, text, 0755);
+	kvm_test_write_file(wrap, text, 0755);
 	snprintf(uri, sizeof(uri), "vmig+ssh://%s@127.0.0.1:%d/system?socket=%s&keyfile=%s&"
 		 "command=%s&proxy=netcat", pw->pw_name, sshd_port, sock_a, user_key, wrap);
 	start_vm("lv10", "48M", "rate=500,wss=1M");

@@ -31,6 +31,7 @@
 #include <json-c/json.h>
 
 #include "kvm-test.h"
+#include "proc-test.h"
 
 static const char *vmig_bin;
 static char base[128];
@@ -43,33 +44,6 @@ struct result {
 	char out[65536];
 	char err[65536];
 };
-
-static void read_all(int fd, char *buf, size_t cap)
-{
-	size_t len = 0;
-	ssize_t n;
-
-	while (len < cap - 1 && (n = read(fd, buf + len, cap - 1 - len)) != 0) {
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			break;
-		}
-		len += (size_t)n;
-	}
-	buf[len] = 0;
-}
-
-static void read_file(const char *path, char *buf, size_t cap)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-
-	buf[0] = 0;
-	if (fd < 0)
-		return;
-	read_all(fd, buf, cap);
-	close(fd);
-}
 
 /* Run vmig with @args and @run_dir as VMIG_RUN_DIR. */
 static void run_vmig(struct result *r, const char *run_dir, const char *const *args)
@@ -100,8 +74,8 @@ static void run_vmig(struct result *r, const char *run_dir, const char *const *a
 	}
 	close(out[1]);
 	close(err[1]);
-	read_all(err[0], r->err, sizeof(r->err));
-	read_all(out[0], r->out, sizeof(r->out));
+	kvm_test_read_all(err[0], r->err, sizeof(r->err));
+	kvm_test_read_all(out[0], r->out, sizeof(r->out));
 	close(out[0]);
 	close(err[0]);
 	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
@@ -404,7 +378,7 @@ START_TEST(destination_killed_mid_stream)
 	snprintf(pidfile, sizeof(pidfile), "%s/rdkill.pid", run_b);
 	for (i = 0; i < 1000 && dst <= 0; i++) {
 		kvm_test_sleep_ms(10);
-		read_file(pidfile, buf, sizeof(buf));
+		kvm_test_read_file(pidfile, buf, sizeof(buf));
 		dst = (pid_t)atoi(buf);
 	}
 	ck_assert_msg(dst > 0, "the destination never claimed the VM");
@@ -412,7 +386,7 @@ START_TEST(destination_killed_mid_stream)
 	ck_assert_int_eq(kill(dst, SIGKILL), 0);
 
 	ck_assert_int_eq(waitpid(mig, &st, 0), mig);
-	read_file(path, out, sizeof(out));
+	kvm_test_read_file(path, out, sizeof(out));
 	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 1, "migrate: %d: %s", st, out);
 	ck_assert_msg(strstr(out, "failed") && strstr(out, "keeps running"), "%s", out);
 	ck_assert_msg(strstr(out, "rdma://"), "the error does not name the peer: %s", out);

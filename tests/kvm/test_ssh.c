@@ -36,6 +36,7 @@
 
 #include "vmig/transport.h"
 #include "kvm-test.h"
+#include "proc-test.h"
 
 #define SSHD       "/usr/sbin/sshd"
 #define SSH_KEYGEN "/usr/bin/ssh-keygen"
@@ -62,42 +63,6 @@ struct result {
 	char err[65536];
 };
 
-static void read_all(int fd, char *buf, size_t cap)
-{
-	size_t len = 0;
-	ssize_t n;
-
-	while (len < cap - 1 && (n = read(fd, buf + len, cap - 1 - len)) != 0) {
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			break;
-		}
-		len += (size_t)n;
-	}
-	buf[len] = 0;
-}
-
-static void read_file(const char *path, char *buf, size_t cap)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-
-	buf[0] = 0;
-	if (fd < 0)
-		return;
-	read_all(fd, buf, cap);
-	close(fd);
-}
-
-static void write_file(const char *path, const char *text, mode_t mode)
-{
-	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-
-	ck_assert_msg(fd >= 0, "cannot write %s: %s", path, strerror(errno));
-	ck_assert_int_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
-	close(fd);
-}
-
 /* Run @argv[0] with @env_run_dir as VMIG_RUN_DIR (NULL: keep). */
 static void run_argv(struct result *r, const char *env_run_dir, const char *const *argv)
 {
@@ -123,8 +88,8 @@ static void run_argv(struct result *r, const char *env_run_dir, const char *cons
 	close(out[1]);
 	close(err[1]);
 	/* A detached VMM keeps no copy of these pipes: it reopens 1 and 2. */
-	read_all(err[0], r->err, sizeof(r->err));
-	read_all(out[0], r->out, sizeof(r->out));
+	kvm_test_read_all(err[0], r->err, sizeof(r->err));
+	kvm_test_read_all(out[0], r->out, sizeof(r->out));
 	close(out[0]);
 	close(err[0]);
 	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
@@ -160,7 +125,7 @@ static pid_t pid_in(const char *run_dir, const char *name)
 	char path[600], buf[32];
 
 	snprintf(path, sizeof(path), "%s/%s.pid", run_dir, name);
-	read_file(path, buf, sizeof(buf));
+	kvm_test_read_file(path, buf, sizeof(buf));
 	return (pid_t)atoi(buf);
 }
 
@@ -274,7 +239,7 @@ static void known_hosts_line(const char *pub, char *buf, size_t len)
 {
 	char key[4096], *nl, *sp;
 
-	read_file(pub, key, sizeof(key));
+	kvm_test_read_file(pub, key, sizeof(key));
 	nl = strchr(key, '\n');
 	if (nl)
 		*nl = 0;
@@ -284,39 +249,12 @@ static void known_hosts_line(const char *pub, char *buf, size_t len)
 	snprintf(buf, len, "[127.0.0.1]:%d %s\n", sshd_port, key);
 }
 
-static int free_port(void)
-{
-	struct sockaddr_in sa = { .sin_family = AF_INET };
-	socklen_t len = sizeof(sa);
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), port;
-
-	ck_assert_int_ge(fd, 0);
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-	ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
-	port = ntohs(sa.sin_port);
-	close(fd);
-	return port;
-}
-
-static bool port_open(int port)
-{
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	bool ok;
-
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	ok = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
-	close(fd);
-	return ok;
-}
-
 static void sshd_log(char *buf, size_t len)
 {
 	char path[400];
 
 	snprintf(path, sizeof(path), "%s/sshd.log", dir);
-	read_file(path, buf, len);
+	kvm_test_read_file(path, buf, len);
 }
 
 static void start_sshd(void)
@@ -329,7 +267,7 @@ static void start_sshd(void)
 	snprintf(auth, sizeof(auth), "%s/authorized_keys", dir);
 	snprintf(conf, sizeof(conf), "%s/sshd_config", dir);
 	snprintf(log, sizeof(log), "%s/sshd.log", dir);
-	sshd_port = free_port();
+	sshd_port = kvm_test_free_port();
 	snprintf(text, sizeof(text),
 		 "ListenAddress 127.0.0.1\n"
 		 "Port %d\n"
@@ -344,7 +282,7 @@ static void start_sshd(void)
 		 "PrintMotd no\n"
 		 "LogLevel VERBOSE\n",
 		 sshd_port, hostkey, auth, dir);
-	write_file(conf, text, 0600);
+	kvm_test_write_file(conf, text, 0600);
 	if (geteuid() == 0 && mkdir("/run/sshd", 0755) < 0 && errno != EEXIST)
 		ck_abort_msg("cannot create /run/sshd: %s", strerror(errno));
 
@@ -358,7 +296,7 @@ static void start_sshd(void)
 		_exit(127);
 	}
 	end = kvm_test_now_ms() + 10000;
-	while (!port_open(sshd_port)) {
+	while (!kvm_test_port_open(sshd_port)) {
 		int st;
 
 		if (waitpid(sshd_pid, &st, WNOHANG) == sshd_pid) {
@@ -370,8 +308,8 @@ static void start_sshd(void)
 		kvm_test_sleep_ms(20);
 	}
 	snprintf(pub, sizeof(pub), "%s.pub", user_key);
-	read_file(pub, text, sizeof(text));
-	write_file(auth, text, 0600);
+	kvm_test_read_file(pub, text, sizeof(text));
+	kvm_test_write_file(auth, text, 0600);
 }
 
 /* Kill every per-connection sshd (the master's children): a crash. */
@@ -389,7 +327,7 @@ static int kill_sshd_sessions(void)
 		if (e->d_name[0] < '0' || e->d_name[0] > '9')
 			continue;
 		snprintf(path, sizeof(path), "/proc/%s/status", e->d_name);
-		read_file(path, buf, sizeof(buf));
+		kvm_test_read_file(path, buf, sizeof(buf));
 		p = strstr(buf, "\nPPid:");
 		if (p)
 			ppid = atoi(p + 6);
@@ -426,11 +364,11 @@ static void setup(void)
 	snprintf(rvmig_b, sizeof(rvmig_b), "%s/vmig-on-b", dir);
 	snprintf(text, sizeof(text), "#!/bin/sh\nVMIG_RUN_DIR=%s; export VMIG_RUN_DIR\n"
 		 "exec %s \"$@\"\n", run_b, vmig_bin);
-	write_file(rvmig_b, text, 0755);
+	kvm_test_write_file(rvmig_b, text, 0755);
 	snprintf(rvmig_a, sizeof(rvmig_a), "%s/vmig-on-a", dir);
 	snprintf(text, sizeof(text), "#!/bin/sh\nVMIG_RUN_DIR=%s; export VMIG_RUN_DIR\n"
 		 "exec %s \"$@\"\n", run_a, vmig_bin);
-	write_file(rvmig_a, text, 0755);
+	kvm_test_write_file(rvmig_a, text, 0755);
 
 	start_sshd();
 	snprintf(ssh_uri, sizeof(ssh_uri), "ssh://%s@127.0.0.1:%d", pw->pw_name, sshd_port);
@@ -487,11 +425,11 @@ static void trust_sshd(bool hashed)
 
 	snprintf(pub, sizeof(pub), "%s/hostkey.pub", dir);
 	known_hosts_line(pub, line, sizeof(line));
-	write_file(known_hosts, line, 0600);
+	kvm_test_write_file(known_hosts, line, 0600);
 	if (hashed) {
 		RUN(&r, SSH_KEYGEN, "-q", "-H", "-f", known_hosts);
 		ck_assert_msg(r.status == 0, "ssh-keygen -H: %s", r.err);
-		read_file(known_hosts, line, sizeof(line));
+		kvm_test_read_file(known_hosts, line, sizeof(line));
 		ck_assert_msg(!strncmp(line, "|1|", 3), "not hashed: %s", line);
 		snprintf(old, sizeof(old), "%s.old", known_hosts);
 		unlink(old);
@@ -657,7 +595,7 @@ START_TEST(agent_authentication)
 
 		snprintf(pid, sizeof(pid), "%s/agent.pid", dir);
 		snprintf(num, sizeof(num), "%d\n", (int)agent);
-		write_file(pid, num, 0600);
+		kvm_test_write_file(pid, num, 0600);
 	}
 	if (agent == 0) {
 		int fd = open("/dev/null", O_RDWR);
@@ -689,7 +627,7 @@ START_TEST(unknown_host_key_refused)
 	char fp[128], pub[400], kh[256];
 	struct result r;
 
-	write_file(known_hosts, "", 0600);
+	kvm_test_write_file(known_hosts, "", 0600);
 	start_vm("uk", "rate=max,wss=2M");
 	migrate_ssh(&r, run_a, "uk", rvmig_b, (const char *const[]){ "--identity", user_key, NULL });
 	assert_refused(&r, "uk", "not known");
@@ -697,7 +635,7 @@ START_TEST(unknown_host_key_refused)
 	fingerprint_of(pub, fp, sizeof(fp));
 	ck_assert_msg(strstr(r.err, fp), "no fingerprint %s in '%s'", fp, r.err);
 	ck_assert_msg(strstr(r.err, "--accept-new-host-key"), "no advice in '%s'", r.err);
-	read_file(known_hosts, kh, sizeof(kh));
+	kvm_test_read_file(known_hosts, kh, sizeof(kh));
 	ck_assert_msg(kh[0] == 0, "known_hosts changed: %s", kh);
 }
 END_TEST
@@ -712,7 +650,7 @@ START_TEST(changed_host_key_refused)
 	keygen(impostor);
 	snprintf(pub, sizeof(pub), "%s.pub", impostor);
 	known_hosts_line(pub, line, sizeof(line));
-	write_file(known_hosts, line, 0600);
+	kvm_test_write_file(known_hosts, line, 0600);
 	start_vm("ck", "rate=max,wss=2M");
 
 	migrate_ssh(&r, run_a, "ck", rvmig_b, (const char *const[]){ "--identity", user_key, NULL });
@@ -726,7 +664,7 @@ START_TEST(changed_host_key_refused)
 	migrate_ssh(&r, run_a, "ck", rvmig_b,
 		    (const char *const[]){ "--identity", user_key, "--accept-new-host-key", NULL });
 	assert_refused(&r, "ck", "CHANGED");
-	read_file(known_hosts, kh, sizeof(kh));
+	kvm_test_read_file(known_hosts, kh, sizeof(kh));
 	ck_assert_str_eq(kh, line);
 }
 END_TEST
@@ -746,7 +684,7 @@ START_TEST(accept_new_host_key_records_it)
 	/* Recorded as OpenSSH would, and OpenSSH's own tools find it. */
 	snprintf(pub, sizeof(pub), "%s/hostkey.pub", dir);
 	known_hosts_line(pub, line, sizeof(line));
-	read_file(known_hosts, kh, sizeof(kh));
+	kvm_test_read_file(known_hosts, kh, sizeof(kh));
 	ck_assert_str_eq(kh, line);
 	snprintf(host, sizeof(host), "[127.0.0.1]:%d", sshd_port);
 	RUN(&r, SSH_KEYGEN, "-F", host, "-f", known_hosts);
@@ -757,7 +695,7 @@ START_TEST(accept_new_host_key_records_it)
 	ck_assert_msg(r.status == 0, "migrate back: exit %d: %s %s", r.status, r.out, r.err);
 	assert_guest_runs(run_a, "an");
 	ck_assert(!exists_in(run_b, "an", "pid"));
-	read_file(known_hosts, kh, sizeof(kh));
+	kvm_test_read_file(known_hosts, kh, sizeof(kh));
 	ck_assert_str_eq(kh, line);
 	RUN_A(&r, "stop", "an");
 }
@@ -839,7 +777,7 @@ START_TEST(sshd_killed_mid_stream)
 	ck_assert_msg(killed > 0, "no sshd session to kill");
 
 	ck_assert_int_eq(waitpid(mig, &st, 0), mig);
-	read_file(path, out, sizeof(out));
+	kvm_test_read_file(path, out, sizeof(out));
 	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 1, "migrate: %d: %s", st, out);
 	ck_assert_msg(strstr(out, "failed") && strstr(out, "keeps running"), "%s", out);
 	ck_assert_msg(strstr(out, "127.0.0.1"), "the error does not name the host: %s", out);

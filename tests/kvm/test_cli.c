@@ -16,7 +16,6 @@
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 
 #include <pthread.h>
 
@@ -25,86 +24,32 @@
 #include "vmig/stream.h"
 #include "vmig/transport.h"
 #include "kvm-test.h"
+#include "proc-test.h"
 
 static const char *vmig_bin;
 static char run_dir[256];      /* "host A": where VMs start */
 static char run_dir_b[300];    /* "host B": where they migrate to */
 
-struct result {
-	int status;            /* exit code, or 128 + signal */
-	char out[65536];
-	char err[65536];
-};
-
-static void read_all(int fd, char *buf, size_t cap)
-{
-	size_t len = 0;
-	ssize_t n;
-
-	while (len < cap - 1 && (n = read(fd, buf + len, cap - 1 - len)) != 0) {
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			break;
-		}
-		len += n;
-	}
-	buf[len] = 0;
-}
-
 /* Run vmig with @args (NULL-terminated); @pre runs in the child first. */
-static void run_vmig_pre(struct result *r, void (*pre)(void), const char *const *args)
+static void run_vmig_pre(struct kvm_test_result *r, void (*pre)(void), const char *const *args)
 {
+	struct kvm_test_proc how = { .pre = pre };
 	const char *argv[32];
-	int out[2], err[2], st;
-	unsigned int i = 0;
-	pid_t pid;
 
-	argv[i++] = vmig_bin;
-	while (*args && i < 31)
-		argv[i++] = *args++;
-	argv[i] = NULL;
-	ck_assert_int_eq(pipe(out), 0);
-	ck_assert_int_eq(pipe(err), 0);
-	pid = fork();
-	ck_assert_int_ge(pid, 0);
-	if (pid == 0) {
-		dup2(out[1], 1);
-		dup2(err[1], 2);
-		close(out[0]);
-		close(err[0]);
-		close(out[1]);
-		close(err[1]);
-		if (pre)
-			pre();
-		execv(vmig_bin, (char *const *)argv);
-		_exit(127);
-	}
-	close(out[1]);
-	close(err[1]);
-	/* A detached VMM keeps no copy of these pipes: it reopens 1 and 2. */
-	read_all(err[0], r->err, sizeof(r->err));
-	read_all(out[0], r->out, sizeof(r->out));
-	close(out[0]);
-	close(err[0]);
-	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-	r->status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+	kvm_test_vmig_argv(argv, 32, args);
+	kvm_test_run_argv(r, &how, argv);
 }
 
-#define RUN(r, ...) run_vmig_pre((r), NULL, (const char *const[]){ __VA_ARGS__, NULL })
+#define RUN(r, ...) KVM_TEST_VMIG((r), NULL, __VA_ARGS__)
 
 static bool exists(const char *name, const char *suffix)
 {
-	char path[512];
-
-	snprintf(path, sizeof(path), "%s/%s.%s", run_dir, name, suffix);
-	return access(path, F_OK) == 0;
+	return kvm_test_exists_in(run_dir, name, suffix);
 }
 
 static void setup(void)
 {
-	vmig_bin = getenv("VMIG");
-	ck_assert_msg(vmig_bin && *vmig_bin, "set VMIG to the vmig binary");
+	vmig_bin = kvm_test_vmig_bin();
 	snprintf(run_dir, sizeof(run_dir), "/tmp/vmig-test-XXXXXX");
 	ck_assert_ptr_nonnull(mkdtemp(run_dir));
 	setenv("VMIG_RUN_DIR", run_dir, 1);
@@ -126,121 +71,36 @@ static void teardown(void)
 		fprintf(stderr, "cleanup of %s failed\n", run_dir);
 }
 
-static struct json_object *status_json(const char *name)
-{
-	struct result r;
-	struct json_object *o;
-
-	RUN(&r, "status", name, "--json");
-	ck_assert_msg(r.status == 0, "status %s: exit %d: %s", name, r.status, r.err);
-	o = json_tokener_parse(r.out);
-	ck_assert_msg(o != NULL, "status --json printed no JSON: %s", r.out);
-	return o;
-}
-
-static uint64_t jget(struct json_object *o, const char *key)
-{
-	struct json_object *v;
-
-	ck_assert_msg(json_object_object_get_ex(o, key, &v), "no '%s' in %s", key,
-		      json_object_to_json_string(o));
-	return json_object_get_uint64(v);
-}
-
-static const char *jstate(struct json_object *o)
-{
-	struct json_object *v;
-
-	ck_assert(json_object_object_get_ex(o, "state", &v));
-	return json_object_get_string(v);
-}
-
-static uint64_t pages_written_after_boot(const char *name)
-{
-	uint64_t end = kvm_test_now_ms() + 20000, pw = 0;
-
-	while (kvm_test_now_ms() < end) {
-		struct json_object *o = status_json(name);
-		struct json_object *v;
-
-		if (json_object_object_get_ex(o, "pages_written", &v))
-			pw = json_object_get_uint64(v);
-		json_object_put(o);
-		if (pw)
-			return pw;
-		kvm_test_sleep_ms(50);
-	}
-	ck_abort_msg("guest of %s wrote no page in 20 s", name);
-	return 0;
-}
-
-static void to_host_b(void)
-{
-	setenv("VMIG_RUN_DIR", run_dir_b, 1);
-}
-
-#define RUN_B(r, ...) run_vmig_pre((r), to_host_b, (const char *const[]){ __VA_ARGS__, NULL })
+#define RUN_B(r, ...) KVM_TEST_VMIG((r), run_dir_b, __VA_ARGS__)
 
 static bool exists_b(const char *name, const char *suffix)
 {
-	char path[512];
-
-	snprintf(path, sizeof(path), "%s/%s.%s", run_dir_b, name, suffix);
-	return access(path, F_OK) == 0;
+	return kvm_test_exists_in(run_dir_b, name, suffix);
 }
 
-static struct json_object *status_json_b(const char *name)
-{
-	struct result r;
-	struct json_object *o;
+/* vmig in the background. */
+struct bg_vmig {
+	struct kvm_test_proc proc;
+	char path[512];        /* its stdout and stderr: RUN_DIR/TAG.out */
+};
 
-	RUN_B(&r, "status", name, "--json");
-	ck_assert_msg(r.status == 0, "status %s on B: exit %d: %s", name, r.status, r.err);
-	o = json_tokener_parse(r.out);
-	ck_assert_ptr_nonnull(o);
-	return o;
-}
-
-/* vmig in the background, output to files; returns its pid. */
-static pid_t spawn_vmig(const char *tag, const char *const *args)
+static void spawn_vmig(struct bg_vmig *b, const char *tag, const char *const *args)
 {
 	const char *argv[32];
-	char out[512];
-	unsigned int i = 0;
-	pid_t pid;
 
-	argv[i++] = vmig_bin;
-	while (*args && i < 31)
-		argv[i++] = *args++;
-	argv[i] = NULL;
-	snprintf(out, sizeof(out), "%s/%s.out", run_dir, tag);
-	pid = fork();
-	ck_assert_int_ge(pid, 0);
-	if (pid == 0) {
-		int fd = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-
-		dup2(fd, 1);
-		dup2(fd, 2);
-		close(fd);
-		execv(vmig_bin, (char *const *)argv);
-		_exit(127);
-	}
-	return pid;
+	kvm_test_vmig_argv(argv, 32, args);
+	snprintf(b->path, sizeof(b->path), "%s/%s.out", run_dir, tag);
+	b->proc = (struct kvm_test_proc){ .out_path = b->path, .err_path = b->path };
+	kvm_test_spawn(&b->proc, argv);
 }
 
-static int wait_status(pid_t pid, const char *tag, char *out, size_t len)
+/* Wait for @b; its exit status, what it printed in @out. */
+static int wait_status(struct bg_vmig *b, char *out, size_t len)
 {
-	char path[512];
-	int st;
-	FILE *f;
+	int st = kvm_test_finish(&b->proc, NULL);
 
-	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-	snprintf(path, sizeof(path), "%s/%s.out", run_dir, tag);
-	f = fopen(path, "r");
-	ck_assert_ptr_nonnull(f);
-	read_all(fileno(f), out, len);
-	fclose(f);
-	return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+	kvm_test_read_file(b->path, out, len);
+	return st;
 }
 
 static pid_t pid_in(const char *dir, const char *name)
@@ -261,41 +121,28 @@ static pid_t pid_in(const char *dir, const char *name)
 
 static void start_pair(const char *name, const char *workload, const char *uri)
 {
-	struct result r;
+	struct kvm_test_result r;
 
 	RUN(&r, "run", name, "--memory", "160M", "--vcpus", "2", "--workload", workload,
 	    "--detach");
 	ck_assert_msg(r.status == 0, "run: %s", r.err);
-	pages_written_after_boot(name);
+	kvm_test_wait_first_page(NULL, name);
 	RUN_B(&r, "incoming", "--listen", uri, "--detach");
 	ck_assert_msg(r.status == 0, "incoming: exit %d: %s", r.status, r.err);
 }
 
 /*
  * `vmig console NAME` on host B, stdin at end of file: it shows the guest's
- * output until the VM goes away.  Returns its pid; its output goes to
- * RUN_DIR/console.out.
+ * output until the VM goes away.  Its output goes to RUN_DIR/console.out.
  */
-static pid_t console_b(const char *name)
+static void console_b(struct kvm_test_proc *p, const char *name)
 {
-	char out[512];
-	pid_t pid;
+	static char out[512];
 
 	snprintf(out, sizeof(out), "%s/console.out", run_dir);
-	pid = fork();
-	ck_assert_int_ge(pid, 0);
-	if (pid == 0) {
-		int fd = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-		int null_fd = open("/dev/null", O_RDONLY);
-
-		dup2(null_fd, 0);
-		dup2(fd, 1);
-		dup2(fd, 2);
-		setenv("VMIG_RUN_DIR", run_dir_b, 1);
-		execl(vmig_bin, vmig_bin, "console", name, (char *)NULL);
-		_exit(127);
-	}
-	return pid;
+	*p = (struct kvm_test_proc){ .run_dir = run_dir_b, .stdin_path = "/dev/null",
+				     .out_path = out, .err_path = out };
+	kvm_test_spawn(p, KVM_TEST_ARGS(vmig_bin, "console", name));
 }
 
 /* What `vmig console` printed so far. */
@@ -308,7 +155,7 @@ static void console_b_output(char *buf, size_t len)
 	buf[0] = 0;
 	f = fopen(path, "r");
 	if (f) {
-		read_all(fileno(f), buf, len);
+		kvm_test_read_all(fileno(f), buf, len);
 		fclose(f);
 	}
 }
@@ -318,14 +165,13 @@ static void migrate_over(const char *uri_fmt, const char *channels)
 	struct json_object *res, *o;
 	char uri[512], out[65536];
 	uint64_t before, after, end;
-	struct result r;
-	pid_t console;
-	int st;
+	struct kvm_test_proc console;
+	struct kvm_test_result r;
 
 	snprintf(uri, sizeof(uri), uri_fmt, run_dir);
 	start_pair("mv", "rate=max,wss=2M", uri);
-	o = status_json("mv");
-	before = jget(o, "pages_written");
+	o = kvm_test_vm_status(NULL, "mv");
+	before = kvm_test_ju64(o, "pages_written");
 	json_object_put(o);
 
 	if (channels)   /* the engine's knobs, through the CLI and vmig incoming */
@@ -339,14 +185,15 @@ static void migrate_over(const char *uri_fmt, const char *channels)
 	if (channels) {
 		struct json_object *pg = json_object_object_get(res, "pages");
 
-		ck_assert_uint_eq(jget(res, "bandwidth_limit_bps"), 1ull << 30);
-		ck_assert_msg(pg && jget(pg, "lz4") == 0 && jget(pg, "raw") > 0, "%s", r.out);
+		ck_assert_uint_eq(kvm_test_ju64(res, "bandwidth_limit_bps"), 1ull << 30);
+		ck_assert_msg(pg && kvm_test_ju64(pg, "lz4") == 0 && kvm_test_ju64(pg, "raw") > 0,
+			      "%s", r.out);
 	}
 	ck_assert_msg(json_object_object_get(res, "status") &&
 		      !strcmp(json_object_get_string(json_object_object_get(res, "status")),
 			      "completed"), "result: %s", r.out);
-	ck_assert_uint_gt(jget(res, "transferred_bytes"), 0);
-	ck_assert_uint_ge(jget(res, "iterations"), 1);
+	ck_assert_uint_gt(kvm_test_ju64(res, "transferred_bytes"), 0);
+	ck_assert_uint_ge(kvm_test_ju64(res, "iterations"), 1);
 	ck_assert(json_object_object_get(res, "total_time_ms") != NULL);
 	ck_assert(json_object_object_get(res, "downtime_ms") != NULL);
 	json_object_put(res);
@@ -355,18 +202,18 @@ static void migrate_over(const char *uri_fmt, const char *channels)
 	RUN(&r, "stop", "mv");
 	ck_assert_int_eq(r.status, 1);
 	ck_assert(!exists("mv", "sock") && !exists("mv", "pid"));
-	o = status_json_b("mv");
-	ck_assert_str_eq(jstate(o), "running");
-	after = jget(o, "pages_written");
+	o = kvm_test_vm_status(run_dir_b, "mv");
+	ck_assert_str_eq(kvm_test_vm_state(o), "running");
+	after = kvm_test_ju64(o, "pages_written");
 	json_object_put(o);
 	ck_assert_msg(after > before, "guest counters went back: %" PRIu64 " -> %" PRIu64,
 		      before, after);
 	kvm_test_sleep_ms(300);
-	o = status_json_b("mv");
-	ck_assert_uint_gt(jget(o, "pages_written"), after);
+	o = kvm_test_vm_status(run_dir_b, "mv");
+	ck_assert_uint_gt(kvm_test_ju64(o, "pages_written"), after);
 	json_object_put(o);
 	/* Its console is served on host B too; the guest prints every ~2 s. */
-	console = console_b("mv");
+	console_b(&console, "mv");
 	for (end = kvm_test_now_ms() + 15000; kvm_test_now_ms() < end; kvm_test_sleep_ms(100)) {
 		console_b_output(out, sizeof(out));
 		if (strstr(out, "vmig-guest"))
@@ -376,11 +223,11 @@ static void migrate_over(const char *uri_fmt, const char *channels)
 	RUN_B(&r, "stop", "mv");
 	ck_assert_int_eq(r.status, 0);
 	ck_assert(!exists_b("mv", "sock") && !exists_b("mv", "pid"));
-	/* The VM went away: the console client ends on its own. */
-	for (end = kvm_test_now_ms() + 10000; waitpid(console, &st, WNOHANG) == 0;
-	     kvm_test_sleep_ms(50))
-		ck_assert_msg(kvm_test_now_ms() < end, "vmig console still runs after the VM stopped");
-	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "vmig console: status 0x%x", st);
+	/* The VM went away: the console client ends on its own, within 10 s. */
+	console.deadline_ms = kvm_test_now_ms() + 10000;
+	kvm_test_finish(&console, &r);
+	ck_assert_msg(!r.timed_out, "vmig console still runs after the VM stopped");
+	ck_assert_msg(r.status == 0, "vmig console: exit %d: %s", r.status, r.out);
 }
 
 START_TEST(migrate_tcp)
@@ -411,26 +258,26 @@ START_TEST(cancel_keeps_vm_here)
 {
 	char uri[512], out[8192];
 	struct json_object *o;
-	struct result r;
+	struct kvm_test_result r;
 	uint64_t a;
-	pid_t mig;
+	struct bg_vmig mig;
 
 	snprintf(uri, sizeof(uri), "unix:%s/mig.sock", run_dir);
 	start_pair("cx", "rate=max,wss=48M", uri);
 	/* A 1 ms limit with 96 MiB dirtied at full speed never converges. */
-	mig = spawn_vmig("mig", (const char *const[]){ "migrate", "cx", uri,
+	spawn_vmig(&mig, "mig", (const char *const[]){ "migrate", "cx", uri,
 						       "--max-downtime", "1", NULL });
 	kvm_test_sleep_ms(700);
 	/* status shows the migration in progress, with its figures. */
-	o = status_json("cx");
+	o = kvm_test_vm_status(NULL, "cx");
 	{
 		struct json_object *m = json_object_object_get(o, "migration");
 
 		ck_assert_msg(m, "no migration in %s", json_object_to_json_string(o));
 		ck_assert_str_eq(json_object_get_string(json_object_object_get(m, "status")),
 				 "active");
-		ck_assert_uint_ge(jget(m, "iteration"), 1);
-		ck_assert_uint_gt(jget(m, "transferred_bytes"), 0);
+		ck_assert_uint_ge(kvm_test_ju64(m, "iteration"), 1);
+		ck_assert_uint_gt(kvm_test_ju64(m, "transferred_bytes"), 0);
 		ck_assert(json_object_object_get(m, "expected_downtime_ms") != NULL);
 	}
 	json_object_put(o);
@@ -441,15 +288,15 @@ START_TEST(cancel_keeps_vm_here)
 	ck_assert_msg(strstr(r.err, "migration is in progress"), "%s", r.err);
 	RUN(&r, "cancel", "cx");
 	ck_assert_msg(r.status == 0, "cancel: %s", r.err);
-	ck_assert_int_eq(wait_status(mig, "mig", out, sizeof(out)), 1);
+	ck_assert_int_eq(wait_status(&mig, out, sizeof(out)), 1);
 	ck_assert_msg(strstr(out, "cancelled") && strstr(out, "keeps running"), "%s", out);
-	o = status_json("cx");
-	ck_assert_str_eq(jstate(o), "running");
-	a = jget(o, "pages_written");
+	o = kvm_test_vm_status(NULL, "cx");
+	ck_assert_str_eq(kvm_test_vm_state(o), "running");
+	a = kvm_test_ju64(o, "pages_written");
 	json_object_put(o);
 	kvm_test_sleep_ms(200);
-	o = status_json("cx");
-	ck_assert_uint_gt(jget(o, "pages_written"), a);
+	o = kvm_test_vm_status(NULL, "cx");
+	ck_assert_uint_gt(kvm_test_ju64(o, "pages_written"), a);
 	json_object_put(o);
 	/* The destination discarded its half and exited. */
 	kvm_test_sleep_ms(500);
@@ -461,14 +308,15 @@ START_TEST(destination_killed_source_resumes)
 {
 	char uri[512], out[8192];
 	struct json_object *o;
-	struct result r;
+	struct kvm_test_result r;
 	uint64_t a;
-	pid_t mig, dst = 0;
+	struct bg_vmig mig;
+	pid_t dst = 0;
 	int i;
 
 	snprintf(uri, sizeof(uri), "unix:%s/mig.sock", run_dir);
 	start_pair("dk", "rate=max,wss=48M", uri);
-	mig = spawn_vmig("mig", (const char *const[]){ "migrate", "dk", uri,
+	spawn_vmig(&mig, "mig", (const char *const[]){ "migrate", "dk", uri,
 						       "--max-downtime", "1", NULL });
 	for (i = 0; i < 200 && !dst; i++) {
 		kvm_test_sleep_ms(10);
@@ -477,15 +325,15 @@ START_TEST(destination_killed_source_resumes)
 	ck_assert_msg(dst > 0, "the destination never claimed the VM");
 	kvm_test_sleep_ms(300);
 	ck_assert_int_eq(kill(dst, SIGKILL), 0);
-	ck_assert_int_eq(wait_status(mig, "mig", out, sizeof(out)), 1);
+	ck_assert_int_eq(wait_status(&mig, out, sizeof(out)), 1);
 	ck_assert_msg(strstr(out, "failed") && strstr(out, "keeps running"), "%s", out);
-	o = status_json("dk");
-	ck_assert_str_eq(jstate(o), "running");
-	a = jget(o, "pages_written");
+	o = kvm_test_vm_status(NULL, "dk");
+	ck_assert_str_eq(kvm_test_vm_state(o), "running");
+	a = kvm_test_ju64(o, "pages_written");
 	json_object_put(o);
 	kvm_test_sleep_ms(200);
-	o = status_json("dk");
-	ck_assert_uint_gt(jget(o, "pages_written"), a);
+	o = kvm_test_vm_status(NULL, "dk");
+	ck_assert_uint_gt(kvm_test_ju64(o, "pages_written"), a);
 	json_object_put(o);
 	RUN(&r, "stop", "dk");
 }
@@ -494,15 +342,16 @@ END_TEST
 START_TEST(source_killed_destination_discards)
 {
 	char uri[512], log[600], out[8192];
-	struct result r;
-	pid_t src, mig, dst = 0;
+	struct kvm_test_result r;
+	struct bg_vmig mig;
+	pid_t src, dst = 0;
 	int i;
 	FILE *f;
 
 	snprintf(uri, sizeof(uri), "unix:%s/mig.sock", run_dir);
 	start_pair("sk", "rate=max,wss=48M", uri);
 	src = pid_in(run_dir, "sk");
-	mig = spawn_vmig("mig", (const char *const[]){ "migrate", "sk", uri,
+	spawn_vmig(&mig, "mig", (const char *const[]){ "migrate", "sk", uri,
 						       "--max-downtime", "1", NULL });
 	for (i = 0; i < 200 && !dst; i++) {
 		kvm_test_sleep_ms(10);
@@ -511,7 +360,7 @@ START_TEST(source_killed_destination_discards)
 	ck_assert_msg(dst > 0, "the destination never claimed the VM");
 	kvm_test_sleep_ms(300);
 	ck_assert_int_eq(kill(src, SIGKILL), 0);
-	wait_status(mig, "mig", out, sizeof(out));
+	wait_status(&mig, out, sizeof(out));
 	for (i = 0; i < 500 && kill(dst, 0) == 0; i++)
 		kvm_test_sleep_ms(20);
 	ck_assert_msg(kill(dst, 0) < 0, "the destination still runs after its source died");
@@ -519,30 +368,19 @@ START_TEST(source_killed_destination_discards)
 	snprintf(log, sizeof(log), "%s/sk.log", run_dir_b);
 	f = fopen(log, "r");
 	ck_assert_ptr_nonnull(f);
-	read_all(fileno(f), r.out, sizeof(r.out));
+	kvm_test_read_all(fileno(f), r.out, sizeof(r.out));
 	fclose(f);
 	ck_assert_msg(strstr(r.out, "vmig: "), "no error in the destination's log: %s", r.out);
 }
 END_TEST
 
-static const char *stdin_file;
-
-static void stdin_from_file(void)
-{
-	int fd = open(stdin_file, O_RDONLY);
-
-	if (fd < 0 || dup2(fd, 0) < 0)
-		_exit(126);
-	close(fd);
-}
-
 /* vmig incoming --stdio fed a damaged stream: a clear error, nothing left. */
 static void incoming_refuses(const char *file, const char *want)
 {
-	struct result r;
+	struct kvm_test_result r;
 
-	stdin_file = file;
-	run_vmig_pre(&r, stdin_from_file, (const char *const[]){ "incoming", "--stdio", NULL });
+	kvm_test_run_argv(&r, &(struct kvm_test_proc){ .stdin_path = file },
+			  KVM_TEST_ARGS(vmig_bin, "incoming", "--stdio"));
 	ck_assert_msg(r.status == 1, "incoming --stdio < %s: exit %d: %s", file, r.status, r.err);
 	ck_assert_msg(strstr(r.err, want), "incoming said '%s', expected '%s'", r.err, want);
 	ck_assert(!exists("sv", "sock") && !exists("sv", "pid"));
@@ -592,7 +430,7 @@ START_TEST(handoff_uncertain_needs_the_admin)
 	struct vmig_listener *l = NULL;
 	struct vmig_err err = { 0 };
 	struct json_object *o;
-	struct result r;
+	struct kvm_test_result r;
 	char uri[512];
 	pthread_t th;
 	uint64_t a;
@@ -600,7 +438,7 @@ START_TEST(handoff_uncertain_needs_the_admin)
 	snprintf(uri, sizeof(uri), "unix:%s/fake.sock", run_dir);
 	RUN(&r, "run", "hu", "--memory", "64M", "--workload", "rate=2000,wss=2M", "--detach");
 	ck_assert_int_eq(r.status, 0);
-	pages_written_after_boot("hu");
+	kvm_test_wait_first_page(NULL, "hu");
 	ck_assert_int_eq(vmig_transport_listen(uri, &l, &err), 0);
 	ck_assert_int_eq(pthread_create(&th, NULL, vanishing_destination, l), 0);
 	RUN(&r, "migrate", "hu", uri);
@@ -611,15 +449,15 @@ START_TEST(handoff_uncertain_needs_the_admin)
 		      "migrate said: %s", r.err);
 
 	/* Held paused here; status says so and says what to do. */
-	o = status_json("hu");
-	ck_assert_str_eq(jstate(o), "handoff-uncertain");
-	a = jget(o, "pages_written");
+	o = kvm_test_vm_status(NULL, "hu");
+	ck_assert_str_eq(kvm_test_vm_state(o), "handoff-uncertain");
+	a = kvm_test_ju64(o, "pages_written");
 	json_object_put(o);
 	RUN(&r, "status", "hu");
 	ck_assert_msg(strstr(r.out, "uncertain") && strstr(r.out, "resume --force"), "%s", r.out);
 	kvm_test_sleep_ms(200);
-	o = status_json("hu");
-	ck_assert_uint_eq(jget(o, "pages_written"), a);
+	o = kvm_test_vm_status(NULL, "hu");
+	ck_assert_uint_eq(kvm_test_ju64(o, "pages_written"), a);
 	json_object_put(o);
 
 	/* A plain resume is refused; the admin's --force resumes. */
@@ -629,9 +467,9 @@ START_TEST(handoff_uncertain_needs_the_admin)
 	RUN(&r, "resume", "--force", "hu");
 	ck_assert_msg(r.status == 0, "resume --force: %s", r.err);
 	kvm_test_sleep_ms(300);
-	o = status_json("hu");
-	ck_assert_str_eq(jstate(o), "running");
-	ck_assert_uint_gt(jget(o, "pages_written"), a);
+	o = kvm_test_vm_status(NULL, "hu");
+	ck_assert_str_eq(kvm_test_vm_state(o), "running");
+	ck_assert_uint_gt(kvm_test_ju64(o, "pages_written"), a);
 	json_object_put(o);
 	RUN(&r, "stop", "hu");
 	ck_assert_int_eq(r.status, 0);
@@ -642,7 +480,7 @@ START_TEST(save_to_full_disk)
 {
 	char dir[512], file[600], old[700];
 	struct json_object *o;
-	struct result r;
+	struct kvm_test_result r;
 	uint64_t a;
 	FILE *f;
 
@@ -663,18 +501,18 @@ START_TEST(save_to_full_disk)
 
 	RUN(&r, "run", "fd", "--memory", "64M", "--workload", "rate=max,wss=4M", "--detach");
 	ck_assert_int_eq(r.status, 0);
-	pages_written_after_boot("fd");
+	kvm_test_wait_first_page(NULL, "fd");
 	RUN(&r, "save", "fd", file);
 	ck_assert_msg(r.status == 1, "save to a full disk: exit %d: %s", r.status, r.out);
 	ck_assert_msg(strstr(r.err, "no space left") || strstr(r.err, "No space left"),
 		      "message does not say the disk is full: %s", r.err);
-	o = status_json("fd");
-	ck_assert_str_eq(jstate(o), "running");
-	a = jget(o, "pages_written");
+	o = kvm_test_vm_status(NULL, "fd");
+	ck_assert_str_eq(kvm_test_vm_state(o), "running");
+	a = kvm_test_ju64(o, "pages_written");
 	json_object_put(o);
 	kvm_test_sleep_ms(200);
-	o = status_json("fd");
-	ck_assert_uint_gt(jget(o, "pages_written"), a);
+	o = kvm_test_vm_status(NULL, "fd");
+	ck_assert_uint_gt(kvm_test_ju64(o, "pages_written"), a);
 	json_object_put(o);
 	f = fopen(file, "r");
 	ck_assert_ptr_nonnull(f);
@@ -691,30 +529,30 @@ END_TEST
 START_TEST(incoming_ends_on_sigterm_while_waiting)
 {
 	char uri[512], out[4096];
+	struct bg_vmig inc;
 	struct stat sb;
-	pid_t pid;
 	int i;
 
 	/* Foreground incoming, signalled while it waits: it must end, now. */
 	snprintf(uri, sizeof(uri), "unix:%s/wait.sock", run_dir);
-	pid = spawn_vmig("inc", (const char *const[]){ "incoming", "--listen", uri, NULL });
+	spawn_vmig(&inc, "inc", (const char *const[]){ "incoming", "--listen", uri, NULL });
 	for (i = 0; i < 250 && stat(uri + 5, &sb) < 0; i++)
 		kvm_test_sleep_ms(20);
 	ck_assert_msg(i < 250, "incoming never listened");
-	ck_assert_int_eq(kill(pid, SIGTERM), 0);
-	ck_assert_int_eq(wait_status(pid, "inc", out, sizeof(out)), 1);
+	ck_assert_int_eq(kill(inc.proc.pid, SIGTERM), 0);
+	ck_assert_int_eq(wait_status(&inc, out, sizeof(out)), 1);
 	ck_assert_msg(strstr(out, "before the handoff"), "incoming said: %s", out);
 }
 END_TEST
 
 START_TEST(save_to_a_device_keeps_it)
 {
-	struct result r;
+	struct kvm_test_result r;
 	struct stat sb;
 
 	RUN(&r, "run", "dv", "--memory", "32M", "--workload", "rate=100,wss=256K", "--detach");
 	ck_assert_int_eq(r.status, 0);
-	pages_written_after_boot("dv");
+	kvm_test_wait_first_page(NULL, "dv");
 	RUN(&r, "save", "dv", "/dev/null", "--keep-running");
 	ck_assert_msg(r.status == 0, "save to /dev/null: %s", r.err);
 	ck_assert_int_eq(stat("/dev/null", &sb), 0);
@@ -728,14 +566,14 @@ START_TEST(save_and_restore)
 {
 	char file[512], bad[600], cmd[2000];
 	struct json_object *o;
-	struct result r;
+	struct kvm_test_result r;
 	struct stat sb;
 	uint64_t saved;
 
 	snprintf(file, sizeof(file), "%s/sv.vmig", run_dir);
 	RUN(&r, "run", "sv", "--memory", "64M", "--workload", "rate=max,wss=2M", "--detach");
 	ck_assert_int_eq(r.status, 0);
-	pages_written_after_boot("sv");
+	kvm_test_wait_first_page(NULL, "sv");
 	RUN(&r, "save", "sv", file);
 	ck_assert_msg(r.status == 0, "save: %s %s", r.out, r.err);
 	ck_assert_msg(strstr(r.out, "completed"), "%s", r.out);
@@ -766,13 +604,13 @@ START_TEST(save_and_restore)
 
 	RUN(&r, "restore", file, "--detach");
 	ck_assert_msg(r.status == 0, "restore: %s", r.err);
-	o = status_json("sv");
-	ck_assert_str_eq(jstate(o), "running");
-	saved = jget(o, "pages_written");
+	o = kvm_test_vm_status(NULL, "sv");
+	ck_assert_str_eq(kvm_test_vm_state(o), "running");
+	saved = kvm_test_ju64(o, "pages_written");
 	json_object_put(o);
 	kvm_test_sleep_ms(300);
-	o = status_json("sv");
-	ck_assert_uint_gt(jget(o, "pages_written"), saved);
+	o = kvm_test_vm_status(NULL, "sv");
+	ck_assert_uint_gt(kvm_test_ju64(o, "pages_written"), saved);
 	json_object_put(o);
 	RUN(&r, "stop", "sv");
 	ck_assert_int_eq(r.status, 0);
@@ -783,7 +621,7 @@ START_TEST(detached_vm_lifecycle)
 {
 	struct json_object *o;
 	uint64_t a, b, c;
-	struct result r;
+	struct kvm_test_result r;
 
 	RUN(&r, "run", "lc", "--memory", "64M", "--vcpus", "2", "--workload",
 	    "rate=max,wss=1M", "--detach");
@@ -792,12 +630,12 @@ START_TEST(detached_vm_lifecycle)
 	ck_assert(exists("lc", "sock"));
 	ck_assert(exists("lc", "pid"));
 
-	a = pages_written_after_boot("lc");
-	o = status_json("lc");
-	ck_assert_str_eq(jstate(o), "running");
-	ck_assert_uint_eq(jget(o, "vcpus"), 2);
-	ck_assert_uint_eq(jget(o, "memory"), 64 << 20);
-	ck_assert_uint_ge(jget(o, "pid"), 2);
+	a = kvm_test_wait_first_page(NULL, "lc");
+	o = kvm_test_vm_status(NULL, "lc");
+	ck_assert_str_eq(kvm_test_vm_state(o), "running");
+	ck_assert_uint_eq(kvm_test_ju64(o, "vcpus"), 2);
+	ck_assert_uint_eq(kvm_test_ju64(o, "memory"), 64 << 20);
+	ck_assert_uint_ge(kvm_test_ju64(o, "pid"), 2);
 	json_object_put(o);
 
 	RUN(&r, "list");
@@ -811,14 +649,14 @@ START_TEST(detached_vm_lifecycle)
 
 	RUN(&r, "pause", "lc");
 	ck_assert_msg(r.status == 0, "pause: %s", r.err);
-	o = status_json("lc");
-	ck_assert_str_eq(jstate(o), "paused");
-	b = jget(o, "pages_written");
+	o = kvm_test_vm_status(NULL, "lc");
+	ck_assert_str_eq(kvm_test_vm_state(o), "paused");
+	b = kvm_test_ju64(o, "pages_written");
 	json_object_put(o);
 	ck_assert_uint_ge(b, a);
 	kvm_test_sleep_ms(300);
-	o = status_json("lc");
-	ck_assert_uint_eq(jget(o, "pages_written"), b);
+	o = kvm_test_vm_status(NULL, "lc");
+	ck_assert_uint_eq(kvm_test_ju64(o, "pages_written"), b);
 	json_object_put(o);
 
 	RUN(&r, "resume", "lc");
@@ -826,9 +664,9 @@ START_TEST(detached_vm_lifecycle)
 	/* Progress resumes (give a loaded machine a few seconds). */
 	for (c = b, a = 0; c == b && a < 100; a++) {
 		kvm_test_sleep_ms(50);
-		o = status_json("lc");
-		ck_assert_str_eq(jstate(o), "running");
-		c = jget(o, "pages_written");
+		o = kvm_test_vm_status(NULL, "lc");
+		ck_assert_str_eq(kvm_test_vm_state(o), "running");
+		c = kvm_test_ju64(o, "pages_written");
 		json_object_put(o);
 	}
 	ck_assert_msg(c > b, "no progress after resume: %" PRIu64 " -> %" PRIu64, b, c);
@@ -845,7 +683,7 @@ END_TEST
 
 START_TEST(name_already_running)
 {
-	struct result r;
+	struct kvm_test_result r;
 
 	RUN(&r, "run", "dup", "--memory", "32M", "--detach");
 	ck_assert_msg(r.status == 0, "run: %s", r.err);
@@ -893,12 +731,12 @@ static void wait_gone(pid_t pid, const char *name)
  */
 START_TEST(shutdown_asks_the_guest)
 {
-	struct result r;
+	struct kvm_test_result r;
 	char path[512], log[8192];
 
 	RUN(&r, "run", "sd", "--memory", "64M", "--workload", "rate=1000,wss=4M", "--detach");
 	ck_assert_msg(r.status == 0, "run: %s", r.err);
-	pages_written_after_boot("sd");
+	kvm_test_wait_first_page(NULL, "sd");
 	RUN(&r, "pause", "sd");
 	ck_assert_int_eq(r.status, 0);
 	RUN(&r, "shutdown", "sd");
@@ -915,7 +753,7 @@ START_TEST(shutdown_asks_the_guest)
 		FILE *f = fopen(path, "r");
 
 		ck_assert_msg(f, "no %s", path);
-		read_all(fileno(f), log, sizeof(log));
+		kvm_test_read_all(fileno(f), log, sizeof(log));
 		fclose(f);
 	}
 	ck_assert_msg(strstr(log, "shutdown:") && strstr(log, "power"), "log: %s", log);
@@ -924,7 +762,7 @@ END_TEST
 
 START_TEST(sigterm_stops_cleanly)
 {
-	struct result r;
+	struct kvm_test_result r;
 	pid_t pid;
 	char log[512];
 	FILE *f;
@@ -932,13 +770,13 @@ START_TEST(sigterm_stops_cleanly)
 	RUN(&r, "run", "sig", "--memory", "32M", "--detach");
 	ck_assert_msg(r.status == 0, "run: %s", r.err);
 	pid = read_pid("sig");
-	pages_written_after_boot("sig");
+	kvm_test_wait_first_page(NULL, "sig");
 	ck_assert_int_eq(kill(pid, SIGTERM), 0);
 	wait_gone(pid, "sig");
 	snprintf(log, sizeof(log), "%s/sig.log", run_dir);
 	f = fopen(log, "r");
 	ck_assert_ptr_nonnull(f);
-	read_all(fileno(f), r.out, sizeof(r.out));
+	kvm_test_read_all(fileno(f), r.out, sizeof(r.out));
 	fclose(f);
 	ck_assert_msg(strstr(r.out, "vmig-guest"), "console log lacks the guest banner: %s",
 		      r.out);
@@ -948,7 +786,7 @@ END_TEST
 
 START_TEST(foreground_guest_power_off)
 {
-	struct result r;
+	struct kvm_test_result r;
 
 	RUN(&r, "run", "fg", "--memory", "32M", "--workload", "rate=max,wss=256K,gens=10");
 	ck_assert_msg(r.status == 0, "exit %d: %s", r.status, r.err);
@@ -976,7 +814,7 @@ START_TEST(bad_flags)
 		{ "migrate", "x", "tcp://127.0.0.1:1", "--max-throttle", "100", NULL },
 		{ "incoming", "--listen", "tcp://127.0.0.1:1", "--prealloc", "3M", NULL },
 	};
-	struct result r;
+	struct kvm_test_result r;
 	size_t i;
 
 	for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -1011,7 +849,7 @@ static void drop_to_nobody(void)
 
 START_TEST(no_permission_on_kvm)
 {
-	struct result r;
+	struct kvm_test_result r;
 	struct stat st;
 
 	ck_assert_int_eq(stat("/dev/kvm", &st), 0);
@@ -1039,7 +877,7 @@ static void hide_dev_kvm(void)
 
 START_TEST(no_dev_kvm)
 {
-	struct result r;
+	struct kvm_test_result r;
 
 	if (geteuid() != 0) {
 		printf("note: no_dev_kvm needs root for a mount namespace\n");

@@ -15,15 +15,10 @@
  */
 #include "config.h"
 
-#include <arpa/inet.h>
 #include <dirent.h>
 #include <inttypes.h>
-#include <netinet/in.h>
-#include <pwd.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 
 #include <json-c/json.h>
 
@@ -31,8 +26,8 @@
 #include "kvm-test.h"
 #include "proc-test.h"
 
-#define SSHD       "/usr/sbin/sshd"
-#define SSH_KEYGEN "/usr/bin/ssh-keygen"
+#define SSHD       KVM_TEST_SSHD
+#define SSH_KEYGEN KVM_TEST_SSH_KEYGEN
 #define MIB        ((uint64_t)1 << 20)
 
 static const char *vmig_bin;
@@ -46,81 +41,13 @@ struct target {
 	char name;             /* 'B' or 'C' */
 	char run[300];
 	char sdir[300];
-	int port;
-	pid_t pid;
+	struct kvm_test_sshd sshd;
 	char uri[400];
 };
 static struct target tb = { .name = 'B' }, tc = { .name = 'C' };
 static char extra_target[200]; /* a third target for --to, or "" */
 
-struct result {
-	int status;            /* exit code, or 128 + signal */
-	char out[65536];
-	char err[65536];
-};
-
-static void append_file(const char *path, const char *text)
-{
-	int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-
-	ck_assert_msg(fd >= 0, "cannot write %s: %s", path, strerror(errno));
-	ck_assert_int_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
-	close(fd);
-}
-
-/* Run @argv with @run_dir as VMIG_RUN_DIR (NULL: keep). */
-static void run_argv(struct result *r, const char *run_dir, const char *const *argv)
-{
-	int out[2], err[2], st;
-	pid_t pid;
-
-	ck_assert_int_eq(pipe(out), 0);
-	ck_assert_int_eq(pipe(err), 0);
-	pid = fork();
-	ck_assert_int_ge(pid, 0);
-	if (pid == 0) {
-		dup2(out[1], 1);
-		dup2(err[1], 2);
-		close(out[0]);
-		close(err[0]);
-		close(out[1]);
-		close(err[1]);
-		if (run_dir)
-			setenv("VMIG_RUN_DIR", run_dir, 1);
-		execv(argv[0], (char *const *)argv);
-		_exit(127);
-	}
-	close(out[1]);
-	close(err[1]);
-	kvm_test_read_all(err[0], r->err, sizeof(r->err));
-	kvm_test_read_all(out[0], r->out, sizeof(r->out));
-	close(out[0]);
-	close(err[0]);
-	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-	r->status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
-
-static void run_vmig(struct result *r, const char *run_dir, const char *const *args)
-{
-	const char *argv[64];
-	unsigned int i = 0;
-
-	argv[i++] = vmig_bin;
-	while (*args && i < 63)
-		argv[i++] = *args++;
-	argv[i] = NULL;
-	run_argv(r, run_dir, argv);
-}
-
-#define VMIG(r, dir_, ...) run_vmig((r), (dir_), (const char *const[]){ __VA_ARGS__, NULL })
-
-static bool exists_in(const char *run_dir, const char *name, const char *suffix)
-{
-	char path[512];
-
-	snprintf(path, sizeof(path), "%s/%s.%s", run_dir, name, suffix);
-	return access(path, F_OK) == 0;
-}
+#define VMIG(r, dir_, ...) KVM_TEST_VMIG((r), (dir_), __VA_ARGS__)
 
 static struct json_object *parse_json(const char *text)
 {
@@ -128,15 +55,6 @@ static struct json_object *parse_json(const char *text)
 
 	ck_assert_msg(o != NULL, "not JSON: %s", text);
 	return o;
-}
-
-static uint64_t ju64(struct json_object *o, const char *key)
-{
-	struct json_object *v;
-
-	ck_assert_msg(json_object_object_get_ex(o, key, &v), "no '%s' in %s", key,
-		      json_object_to_json_string(o));
-	return json_object_get_uint64(v);
 }
 
 static const char *jstr(struct json_object *o, const char *key)
@@ -148,45 +66,6 @@ static const char *jstr(struct json_object *o, const char *key)
 	return json_object_get_string(v);
 }
 
-/* VM @name's status in @run_dir, or NULL if it does not run there. */
-static struct json_object *status_in(const char *run_dir, const char *name)
-{
-	struct result r;
-
-	VMIG(&r, run_dir, "status", name, "--json");
-	if (r.status != 0)
-		return NULL;
-	return parse_json(r.out);
-}
-
-static uint64_t pages_written(struct json_object *o)
-{
-	struct json_object *v;
-
-	return json_object_object_get_ex(o, "pages_written", &v) ? json_object_get_uint64(v) : 0;
-}
-
-/* The guest of @name in @run_dir runs: its page counter moves. */
-static void assert_guest_runs(const char *run_dir, const char *name)
-{
-	struct json_object *o = status_in(run_dir, name);
-	uint64_t a, b, end = kvm_test_now_ms() + 5000;
-
-	ck_assert_msg(o, "VM %s does not run in %s", name, run_dir);
-	ck_assert_str_eq(jstr(o, "state"), "running");
-	a = pages_written(o);
-	json_object_put(o);
-	do {
-		kvm_test_sleep_ms(100);
-		o = status_in(run_dir, name);
-		ck_assert_msg(o, "VM %s went away from %s", name, run_dir);
-		b = pages_written(o);
-		json_object_put(o);
-	} while (b <= a && kvm_test_now_ms() < end);
-	ck_assert_msg(b > a, "the guest of %s in %s made no progress: %" PRIu64 " -> %" PRIu64,
-		      name, run_dir, a, b);
-}
-
 /* Where VM @name runs: 'A', 'B' or 'C'; fails unless exactly one place. */
 static char runs_exactly_once(const char *name)
 {
@@ -195,7 +74,7 @@ static char runs_exactly_once(const char *name)
 	int i, n = 0;
 
 	for (i = 0; i < 3; i++) {
-		struct json_object *o = status_in(dirs[i], name);
+		struct json_object *o = kvm_test_vm_status_try(dirs[i], name);
 
 		if (!o)
 			continue;
@@ -209,101 +88,25 @@ static char runs_exactly_once(const char *name)
 
 static void start_vm(const char *name, const char *memory, const char *workload)
 {
-	struct result r;
-	uint64_t end = kvm_test_now_ms() + 20000;
-
-	VMIG(&r, run_a, "run", name, "--memory", memory, "--vcpus", "1", "--workload", workload,
-	     "--detach");
-	ck_assert_msg(r.status == 0, "run %s: %s", name, r.err);
-	while (kvm_test_now_ms() < end) {
-		struct json_object *o = status_in(run_a, name);
-		uint64_t pw = o ? pages_written(o) : 0;
-
-		json_object_put(o);
-		if (pw)
-			return;
-		kvm_test_sleep_ms(50);
-	}
-	ck_abort_msg("guest of %s wrote no page in 20 s", name);
+	kvm_test_start_vm(run_a, name, memory, "1", workload);
 }
 
 /* ------------------------------------------------------------------------
  * The targets' sshd
  */
 
-static void keygen(const char *path)
-{
-	struct result r;
-
-	run_argv(&r, NULL, (const char *const[]){ SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "",
-						   "-C", "vmig-test", "-f", path, NULL });
-	ck_assert_msg(r.status == 0, "ssh-keygen -f %s: %s", path, r.err);
-}
-
 /* Start @t's sshd; its sessions see @free_mem as this host's free memory. */
 static void start_target(struct target *t, const char *free_mem)
 {
-	char conf[400], text[4096], log[400], hostkey[400], line[4200], pub[420], auth[400];
-	struct passwd *pw = getpwuid(geteuid());
-	uint64_t end;
-	char *sp;
-	int fd;
+	char setenv_line[800];
 
-	ck_assert_ptr_nonnull(pw);
-	snprintf(hostkey, sizeof(hostkey), "%s/hostkey", dir);
-	snprintf(auth, sizeof(auth), "%s/authorized_keys", dir);
-	snprintf(conf, sizeof(conf), "%s/sshd_config", t->sdir);
-	snprintf(log, sizeof(log), "%s/sshd.log", t->sdir);
-	t->port = kvm_test_free_port();
-	snprintf(text, sizeof(text),
-		 "ListenAddress 127.0.0.1\n"
-		 "Port %d\n"
-		 "HostKey %s\n"
-		 "AuthorizedKeysFile %s\n"
-		 "PidFile %s/sshd.pid\n"
-		 "StrictModes no\n"
-		 "UsePAM no\n"
-		 "PasswordAuthentication no\n"
-		 "KbdInteractiveAuthentication no\n"
-		 "PermitRootLogin prohibit-password\n"
-		 "PrintMotd no\n"
-		 "SetEnv VMIG_RUN_DIR=%s VMIG_TEST_FREE_MEMORY=%s\n"
-		 "LogLevel VERBOSE\n",
-		 t->port, hostkey, auth, t->sdir, t->run, free_mem);
-	kvm_test_write_file(conf, text, 0600);
-	if (geteuid() == 0 && mkdir("/run/sshd", 0755) < 0 && errno != EEXIST)
-		ck_abort_msg("cannot create /run/sshd: %s", strerror(errno));
-	t->pid = fork();
-	ck_assert_int_ge(t->pid, 0);
-	if (t->pid == 0) {
-		fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-		dup2(fd, 2);
-		dup2(fd, 1);
-		execl(SSHD, SSHD, "-D", "-f", conf, "-e", (char *)NULL);
-		_exit(127);
-	}
-	end = kvm_test_now_ms() + 10000;
-	while (!kvm_test_port_open(t->port)) {
-		int st;
-
-		if (waitpid(t->pid, &st, WNOHANG) == t->pid) {
-			t->pid = 0;
-			kvm_test_read_file(log, text, sizeof(text));
-			ck_abort_msg("sshd of %c exited at start: %s", t->name, text);
-		}
-		ck_assert_msg(kvm_test_now_ms() < end, "sshd does not listen on port %d", t->port);
-		kvm_test_sleep_ms(20);
-	}
-	snprintf(t->uri, sizeof(t->uri), "ssh://%s@127.0.0.1:%d", pw->pw_name, t->port);
-	/* Trust its host key. */
-	snprintf(pub, sizeof(pub), "%s.pub", hostkey);
-	kvm_test_read_file(pub, text, sizeof(text));
-	text[strcspn(text, "\n")] = 0;
-	sp = strrchr(text, ' ');       /* drop the comment */
-	if (sp && sp != strchr(text, ' '))
-		*sp = 0;
-	snprintf(line, sizeof(line), "[127.0.0.1]:%d %s\n", t->port, text);
-	append_file(known_hosts, line);
+	snprintf(setenv_line, sizeof(setenv_line),
+		 "SetEnv VMIG_RUN_DIR=%s VMIG_TEST_FREE_MEMORY=%s\n", t->run, free_mem);
+	/* One host key and one authorized_keys, in DIR, for both targets. */
+	kvm_test_sshd_start(&t->sshd, t->sdir, dir, setenv_line);
+	kvm_test_sshd_authorize(&t->sshd, user_key);
+	kvm_test_sshd_uri(&t->sshd, t->uri, sizeof(t->uri));
+	kvm_test_sshd_trust(&t->sshd, known_hosts, true);
 }
 
 static void start_targets(const char *free_b, const char *free_c)
@@ -312,31 +115,17 @@ static void start_targets(const char *free_b, const char *free_c)
 	start_target(&tc, free_c);
 }
 
-static void stop_target(struct target *t)
-{
-	if (t->pid > 0) {
-		kill(t->pid, SIGTERM);
-		waitpid(t->pid, NULL, 0);
-		t->pid = 0;
-	}
-}
-
 static void setup(void)
 {
-	char text[1200], pub[400];
 	struct target *ts[2] = { &tb, &tc };
 	int i;
 
-	vmig_bin = getenv("VMIG");
-	ck_assert_msg(vmig_bin && *vmig_bin, "set VMIG to the vmig binary");
-	snprintf(dir, sizeof(dir), "%s/t-XXXXXX", base);
-	ck_assert_ptr_nonnull(mkdtemp(dir));
-	snprintf(run_a, sizeof(run_a), "%s/A", dir);
-	ck_assert_int_eq(mkdir(run_a, 0700), 0);
+	vmig_bin = kvm_test_vmig_bin();
+	kvm_test_make_dirs(base, dir, sizeof(dir), run_a, NULL, sizeof(run_a));
 	for (i = 0; i < 2; i++) {
 		struct target *t = ts[i];
 
-		t->pid = 0;
+		t->sshd.pid = 0;
 		snprintf(t->run, sizeof(t->run), "%s/%c", dir, t->name);
 		snprintf(t->sdir, sizeof(t->sdir), "%s/sshd-%c", dir, t->name);
 		ck_assert_int_eq(mkdir(t->run, 0700), 0);
@@ -344,51 +133,28 @@ static void setup(void)
 	}
 	snprintf(known_hosts, sizeof(known_hosts), "%s/known_hosts", dir);
 	snprintf(user_key, sizeof(user_key), "%s/id_user", dir);
-	snprintf(text, sizeof(text), "%s/hostkey", dir);
-	keygen(text);
-	keygen(user_key);
-	snprintf(pub, sizeof(pub), "%s.pub", user_key);
-	kvm_test_read_file(pub, text, sizeof(text));
-	snprintf(pub, sizeof(pub), "%s/authorized_keys", dir);
-	kvm_test_write_file(pub, text, 0600);
+	kvm_test_keygen(user_key);
 	kvm_test_write_file(known_hosts, "", 0600);
 	extra_target[0] = 0;
 	/* Nothing of the user's: no agent, no ~/.ssh. */
-	unsetenv("SSH_AUTH_SOCK");
-	setenv("HOME", dir, 1);
-}
-
-/* Stop whatever runs from @path (VMMs, sshd), remove it all. */
-static void reap(const char *path)
-{
-	char cmd[1024];
-
-	snprintf(cmd, sizeof(cmd), "for p in %s/*.pid %s/*/*.pid %s/*/*/*.pid; do "
-		 "[ -s \"$p\" ] && kill -9 $(cat \"$p\") 2>/dev/null; done; rm -rf %s",
-		 path, path, path, path);
-	if (system(cmd) != 0)
-		fprintf(stderr, "cleanup of %s failed\n", path);
+	kvm_test_ssh_isolate(dir);
 }
 
 static void teardown(void)
 {
-	stop_target(&tb);
-	stop_target(&tc);
-	reap(dir);
+	kvm_test_sshd_stop(&tb.sshd);
+	kvm_test_sshd_stop(&tc.sshd);
+	kvm_test_reap(dir);
 }
 
 static void runner_setup(void)
 {
-	snprintf(base, sizeof(base), "/tmp/vmig-ev-XXXXXX");
-	if (!mkdtemp(base)) {
-		perror("mkdtemp");
-		exit(EXIT_FAILURE);
-	}
+	kvm_test_make_base(base, sizeof(base), "ev");
 }
 
 static void runner_teardown(void)
 {
-	reap(base);
+	kvm_test_reap(base);
 }
 
 /* The argv of `vmig evacuate --to B,C` with our SSH set-up and @extra. */
@@ -414,12 +180,22 @@ static void evacuate_argv(const char **argv, const char *const *extra)
 	argv[i] = NULL;
 }
 
-static void evacuate(struct result *r, const char *const *extra)
+static void evacuate(struct kvm_test_result *r, const char *const *extra)
 {
 	const char *argv[64];
 
 	evacuate_argv(argv, extra);
-	run_argv(r, run_a, argv);
+	kvm_test_run_argv(r, &(struct kvm_test_proc){ .run_dir = run_a }, argv);
+}
+
+/* Start the evacuation of evacuate() in the background as @p says. */
+static void evacuate_spawn(struct kvm_test_proc *p, const char *const *extra)
+{
+	const char *argv[64];
+
+	evacuate_argv(argv, extra);
+	p->run_dir = run_a;
+	kvm_test_spawn(p, argv);
 }
 
 /* The report's entry for VM @name. */
@@ -445,10 +221,10 @@ static char target_of(struct json_object *v)
 	char port[16];
 
 	ck_assert_ptr_nonnull(uri);
-	snprintf(port, sizeof(port), ":%d", tb.port);
+	snprintf(port, sizeof(port), ":%d", tb.sshd.port);
 	if (strstr(uri, port))
 		return 'B';
-	snprintf(port, sizeof(port), ":%d", tc.port);
+	snprintf(port, sizeof(port), ":%d", tc.sshd.port);
 	if (strstr(uri, port))
 		return 'C';
 	ck_abort_msg("target %s is neither B nor C", uri);
@@ -490,7 +266,7 @@ static bool incoming_log_says(const char *run_dir, const char *what)
 static bool drained(const char *run_dir)
 {
 	struct json_object *o, *v;
-	struct result r;
+	struct kvm_test_result r;
 	bool d;
 
 	VMIG(&r, run_dir, "host-info", "--json");
@@ -522,7 +298,7 @@ START_TEST(evacuate_to_two_targets)
 	int64_t start[4], end[4];
 	struct json_object *rep, *v;
 	char report[400], text[65536];
-	struct result r;
+	struct kvm_test_result r;
 	unsigned int i, j;
 
 	start_targets("400M", "200M");
@@ -541,31 +317,31 @@ START_TEST(evacuate_to_two_targets)
 	kvm_test_read_file(report, text, sizeof(text));
 	rep = parse_json(text);
 	ck_assert_str_eq(jstr(rep, "result"), "completed");
-	ck_assert_uint_eq(ju64(rep, "moved"), 4);
-	ck_assert_uint_eq(ju64(rep, "failed"), 0);
-	ck_assert_uint_eq(ju64(rep, "parallel"), 2);
+	ck_assert_uint_eq(kvm_test_ju64(rep, "moved"), 4);
+	ck_assert_uint_eq(kvm_test_ju64(rep, "failed"), 0);
+	ck_assert_uint_eq(kvm_test_ju64(rep, "parallel"), 2);
 	/* 2 GiB/s over two at once: each migration was given half. */
-	ck_assert_uint_eq(ju64(rep, "bandwidth_per_migration_bps"), 1ull << 30);
+	ck_assert_uint_eq(kvm_test_ju64(rep, "bandwidth_per_migration_bps"), 1ull << 30);
 	for (i = 0; i < 4; i++) {
 		char where;
 
 		v = report_vm(rep, vms[i].name);
 		ck_assert_str_eq(jstr(v, "result"), "completed");
 		ck_assert_msg(jstr(v, "error") == NULL, "%s: error %s", vms[i].name, jstr(v, "error"));
-		ck_assert_uint_eq(ju64(v, "memory"), vms[i].bytes);
-		ck_assert_uint_gt(ju64(v, "transferred_bytes"), 0);
-		ck_assert_uint_gt(ju64(v, "total_time_ms"), 0);
-		(void)ju64(v, "downtime_ms");
-		start[i] = (int64_t)ju64(v, "started_at_ms");
-		end[i] = (int64_t)ju64(v, "ended_at_ms");
+		ck_assert_uint_eq(kvm_test_ju64(v, "memory"), vms[i].bytes);
+		ck_assert_uint_gt(kvm_test_ju64(v, "transferred_bytes"), 0);
+		ck_assert_uint_gt(kvm_test_ju64(v, "total_time_ms"), 0);
+		(void)kvm_test_ju64(v, "downtime_ms");
+		start[i] = (int64_t)kvm_test_ju64(v, "started_at_ms");
+		end[i] = (int64_t)kvm_test_ju64(v, "ended_at_ms");
 		ck_assert_msg(end[i] >= start[i], "%s: ended before it started", vms[i].name);
 
 		/* It runs where the report says, only there, and goes on. */
 		where = runs_exactly_once(vms[i].name);
 		ck_assert_msg(where == target_of(v), "%s runs on %c, the report says %c",
 			      vms[i].name, where, target_of(v));
-		assert_guest_runs(run_dir_of(where), vms[i].name);
-		ck_assert(!exists_in(run_a, vms[i].name, "pid"));
+		kvm_test_assert_guest_runs(run_dir_of(where), vms[i].name);
+		ck_assert(!kvm_test_exists_in(run_a, vms[i].name, "pid"));
 		if (where == 'B')
 			on_b += vms[i].bytes;
 		else
@@ -594,7 +370,7 @@ START_TEST(evacuate_to_two_targets)
 	VMIG(&r, run_a, "run", "eve", "--memory", "64M", "--detach");
 	ck_assert_msg(r.status == 1 && strstr(r.err, "drained"), "run on a drained host: %d %s",
 		      r.status, r.err);
-	ck_assert(!exists_in(run_a, "eve", "sock"));
+	ck_assert(!kvm_test_exists_in(run_a, "eve", "sock"));
 	for (i = 0; i < 4; i++) {
 		char where = runs_exactly_once(vms[i].name);
 
@@ -611,11 +387,10 @@ END_TEST
 START_TEST(one_vm_fails_the_others_complete)
 {
 	char report[400], text[65536], out[400], err_path[400], errs[65536];
-	const char *argv[64];
+	struct kvm_test_proc ev = { .out_path = out, .err_path = err_path };
 	struct json_object *rep, *v;
-	struct result r;
-	pid_t ev;
-	int st, fd;
+	struct kvm_test_result r;
+	int st;
 	uint64_t end;
 
 	start_targets("1000M", "900M");
@@ -626,45 +401,33 @@ START_TEST(one_vm_fails_the_others_complete)
 	snprintf(report, sizeof(report), "%s/report.json", dir);
 	snprintf(out, sizeof(out), "%s/evacuate.out", dir);
 	snprintf(err_path, sizeof(err_path), "%s/evacuate.err", dir);
-	evacuate_argv(argv, (const char *const[]){ "evf1", "evf2", "evf3", "--order",
-						   "evf1,evf2,evf3", "--report", report, NULL });
-	ev = fork();
-	ck_assert_int_ge(ev, 0);
-	if (ev == 0) {
-		fd = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-		dup2(fd, 1);
-		fd = open(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-		dup2(fd, 2);
-		setenv("VMIG_RUN_DIR", run_a, 1);
-		execv(vmig_bin, (char *const *)argv);
-		_exit(127);
-	}
+	evacuate_spawn(&ev, KVM_TEST_ARGS("evf1", "evf2", "evf3", "--order", "evf1,evf2,evf3",
+					  "--report", report));
 	/* Once the first migration starts, the plan is made: drain C. */
 	end = kvm_test_now_ms() + 30000;
 	do {
 		kvm_test_sleep_ms(5);
 		kvm_test_read_file(err_path, errs, sizeof(errs));
 	} while (!strstr(errs, "evf1 (128.0 MiB)") && kvm_test_now_ms() < end);
-	kill(ev, SIGSTOP);
+	kill(ev.pid, SIGSTOP);
 	ck_assert_msg(strstr(errs, "evf1 (128.0 MiB)"), "evacuate never started evf1: %s", errs);
 	ck_assert_msg(!strstr(errs, "evf2 (96.0 MiB)"), "evf2 started before evf1 ended: %s", errs);
 	VMIG(&r, tc.run, "host-info", "--drain=test");
-	kill(ev, SIGCONT);
+	kill(ev.pid, SIGCONT);
 	ck_assert_msg(r.status == 0, "host-info --drain: %s", r.err);
 
-	ck_assert_int_eq(waitpid(ev, &st, 0), ev);
+	st = kvm_test_finish(&ev, NULL);
 	kvm_test_read_file(err_path, errs, sizeof(errs));
 	kvm_test_read_file(out, text, sizeof(text));
-	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 1, "evacuate: %d\n%s\n%s", st, text,
-		      errs);
+	ck_assert_msg(st == 1, "evacuate: exit %d\n%s\n%s", st, text, errs);
 	ck_assert_msg(strstr(text, "2 of 3 VMs moved") && strstr(text, "1 failed") &&
 		      strstr(text, "evf2"), "summary: %s", text);
 
 	kvm_test_read_file(report, text, sizeof(text));
 	rep = parse_json(text);
 	ck_assert_str_eq(jstr(rep, "result"), "incomplete");
-	ck_assert_uint_eq(ju64(rep, "moved"), 2);
-	ck_assert_uint_eq(ju64(rep, "failed"), 1);
+	ck_assert_uint_eq(kvm_test_ju64(rep, "moved"), 2);
+	ck_assert_uint_eq(kvm_test_ju64(rep, "failed"), 1);
 	v = report_vm(rep, "evf2");
 	ck_assert_str_eq(jstr(v, "result"), "failed");
 	ck_assert_int_eq(target_of(v), 'C');
@@ -679,10 +442,11 @@ START_TEST(one_vm_fails_the_others_complete)
 	ck_assert_int_eq(runs_exactly_once("evf1"), 'B');
 	ck_assert_int_eq(runs_exactly_once("evf3"), 'B');
 	ck_assert_int_eq(runs_exactly_once("evf2"), 'A');
-	assert_guest_runs(run_a, "evf2");
-	assert_guest_runs(tb.run, "evf3");
+	kvm_test_assert_guest_runs(run_a, "evf2");
+	kvm_test_assert_guest_runs(tb.run, "evf3");
 	/* C took nothing. */
-	ck_assert(!exists_in(tc.run, "evf2", "pid") && !exists_in(tc.run, "evf2", "sock"));
+	ck_assert(!kvm_test_exists_in(tc.run, "evf2", "pid") &&
+		  !kvm_test_exists_in(tc.run, "evf2", "sock"));
 	VMIG(&r, tb.run, "stop", "evf1");
 	VMIG(&r, tb.run, "stop", "evf3");
 	VMIG(&r, run_a, "stop", "evf2");
@@ -698,13 +462,12 @@ START_TEST(ctrl_c_cancels_running_ones)
 {
 	char report[400], text[65536], err_path[400], errs[65536], out[400];
 	static const char *const names[] = { "evi1", "evi2", "evi3" };
-	const char *argv[64];
+	struct kvm_test_proc ev = { .out_path = out, .err_path = err_path };
 	struct json_object *rep;
-	struct result r;
+	struct kvm_test_result r;
 	unsigned int i, started;
 	uint64_t end;
-	pid_t ev;
-	int st, fd;
+	int st;
 
 	start_targets("2G", "2G");
 	for (i = 0; i < 3; i++)
@@ -712,45 +475,33 @@ START_TEST(ctrl_c_cancels_running_ones)
 	snprintf(report, sizeof(report), "%s/report.json", dir);
 	snprintf(out, sizeof(out), "%s/evacuate.out", dir);
 	snprintf(err_path, sizeof(err_path), "%s/evacuate.err", dir);
-	evacuate_argv(argv, (const char *const[]){ "--all", "--parallel", "2", "--max-downtime",
-						   "1", "--report", report, NULL });
-	ev = fork();
-	ck_assert_int_ge(ev, 0);
-	if (ev == 0) {
-		fd = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-		dup2(fd, 1);
-		fd = open(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-		dup2(fd, 2);
-		setenv("VMIG_RUN_DIR", run_a, 1);
-		execv(vmig_bin, (char *const *)argv);
-		_exit(127);
-	}
+	evacuate_spawn(&ev, KVM_TEST_ARGS("--all", "--parallel", "2", "--max-downtime", "1",
+					  "--report", report));
 	/* Wait until two destinations have claimed their VM: both run. */
 	end = kvm_test_now_ms() + 60000;
 	do {
 		kvm_test_sleep_ms(20);
 		started = 0;
 		for (i = 0; i < 3; i++)
-			started += exists_in(tb.run, names[i], "pid") ||
-				   exists_in(tc.run, names[i], "pid");
+			started += kvm_test_exists_in(tb.run, names[i], "pid") ||
+				   kvm_test_exists_in(tc.run, names[i], "pid");
 	} while (started < 2 && kvm_test_now_ms() < end);
 	kvm_test_read_file(err_path, errs, sizeof(errs));
 	ck_assert_msg(started == 2, "%u migrations under way, expected 2: %s", started, errs);
 	kvm_test_sleep_ms(300);
-	kill(ev, SIGINT);
+	kill(ev.pid, SIGINT);
 
-	ck_assert_int_eq(waitpid(ev, &st, 0), ev);
+	st = kvm_test_finish(&ev, NULL);
 	kvm_test_read_file(err_path, errs, sizeof(errs));
 	kvm_test_read_file(out, text, sizeof(text));
-	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 1, "evacuate: %d\n%s\n%s", st, text,
-		      errs);
+	ck_assert_msg(st == 1, "evacuate: exit %d\n%s\n%s", st, text, errs);
 	ck_assert_msg(strstr(errs, "cancelling"), "no word of the cancel: %s", errs);
 
 	kvm_test_read_file(report, text, sizeof(text));
 	rep = parse_json(text);
 	ck_assert_str_eq(jstr(rep, "result"), "interrupted");
-	ck_assert_uint_eq(ju64(rep, "moved"), 0);
-	ck_assert_uint_eq(ju64(rep, "not_started"), 1);
+	ck_assert_uint_eq(kvm_test_ju64(rep, "moved"), 0);
+	ck_assert_uint_eq(kvm_test_ju64(rep, "not_started"), 1);
 	{
 		unsigned int cancelled = 0, not_started = 0;
 
@@ -767,16 +518,16 @@ START_TEST(ctrl_c_cancels_running_ones)
 	/* Every VM runs exactly once: here; the destinations dropped theirs. */
 	for (i = 0; i < 3; i++) {
 		ck_assert_int_eq(runs_exactly_once(names[i]), 'A');
-		assert_guest_runs(run_a, names[i]);
+		kvm_test_assert_guest_runs(run_a, names[i]);
 	}
 	end = kvm_test_now_ms() + 10000;
 	for (i = 0; i < 3; i++)
-		while ((exists_in(tb.run, names[i], "pid") || exists_in(tc.run, names[i], "pid")) &&
-		       kvm_test_now_ms() < end)
+		while ((kvm_test_exists_in(tb.run, names[i], "pid") ||
+			kvm_test_exists_in(tc.run, names[i], "pid")) && kvm_test_now_ms() < end)
 			kvm_test_sleep_ms(50);
 	for (i = 0; i < 3; i++) {
-		ck_assert_msg(!exists_in(tb.run, names[i], "pid") &&
-			      !exists_in(tc.run, names[i], "pid"),
+		ck_assert_msg(!kvm_test_exists_in(tb.run, names[i], "pid") &&
+			      !kvm_test_exists_in(tc.run, names[i], "pid"),
 			      "a destination kept a half-received %s", names[i]);
 		VMIG(&r, run_a, "stop", names[i]);
 	}
@@ -793,7 +544,7 @@ START_TEST(timeout_per_gib_cancel_and_force)
 {
 	char report[400], text[65536];
 	struct json_object *rep, *v;
-	struct result r;
+	struct kvm_test_result r;
 
 	start_targets("1G", "1G");
 	start_vm("evt", "128M", "rate=max,wss=48M");
@@ -809,7 +560,7 @@ START_TEST(timeout_per_gib_cancel_and_force)
 		      strstr(jstr(v, "error"), "1 s"), "after the timeout: %s", text);
 	json_object_put(rep);
 	ck_assert_int_eq(runs_exactly_once("evt"), 'A');
-	assert_guest_runs(run_a, "evt");
+	kvm_test_assert_guest_runs(run_a, "evt");
 
 	/* Again, forced: it moves (the host is drained already: still fine). */
 	evacuate(&r, (const char *const[]){ "evt", "--max-downtime", "1", "--timeout-per-gib",
@@ -821,7 +572,7 @@ START_TEST(timeout_per_gib_cancel_and_force)
 	ck_assert_str_eq(jstr(report_vm(rep, "evt"), "result"), "completed");
 	json_object_put(rep);
 	ck_assert_int_ne(runs_exactly_once("evt"), 'A');
-	VMIG(&r, exists_in(tb.run, "evt", "sock") ? tb.run : tc.run, "stop", "evt");
+	VMIG(&r, kvm_test_exists_in(tb.run, "evt", "sock") ? tb.run : tc.run, "stop", "evt");
 }
 END_TEST
 
@@ -835,44 +586,32 @@ START_TEST(vm_started_during_evacuation_is_reported)
 {
 	char report[400], text[65536], err_path[400], errs[65536], mark[400];
 	struct json_object *rep, *late;
-	const char *argv[64];
-	struct result r;
+	struct kvm_test_proc ev = { .out_path = "/dev/null", .err_path = err_path };
+	struct kvm_test_result r;
 	uint64_t end;
-	pid_t ev;
-	int st, fd;
+	int st;
 
 	start_targets("1G", "1G");
 	start_vm("evl1", "64M", "rate=2000,wss=2M");
 	snprintf(report, sizeof(report), "%s/report.json", dir);
 	snprintf(err_path, sizeof(err_path), "%s/evacuate.err", dir);
-	evacuate_argv(argv, (const char *const[]){ "--all", "--report", report, NULL });
-	ev = fork();
-	ck_assert_int_ge(ev, 0);
-	if (ev == 0) {
-		fd = open("/dev/null", O_WRONLY);
-		dup2(fd, 1);
-		fd = open(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-		dup2(fd, 2);
-		setenv("VMIG_RUN_DIR", run_a, 1);
-		execv(vmig_bin, (char *const *)argv);
-		_exit(127);
-	}
+	evacuate_spawn(&ev, KVM_TEST_ARGS("--all", "--report", report));
 	end = kvm_test_now_ms() + 30000;
 	do {
 		kvm_test_sleep_ms(5);
 		kvm_test_read_file(err_path, errs, sizeof(errs));
 	} while (!strstr(errs, "evl1 (64.0 MiB)") && kvm_test_now_ms() < end);
-	kill(ev, SIGSTOP);
+	kill(ev.pid, SIGSTOP);
 	snprintf(mark, sizeof(mark), "%s/drain", run_a);
 	ck_assert_msg(unlink(mark) == 0, "no drain mark during the evacuation: %s",
 		      strerror(errno));
 	VMIG(&r, run_a, "run", "evl2", "--memory", "64M", "--workload", "rate=2000,wss=2M",
 	     "--detach");
-	kill(ev, SIGCONT);
+	kill(ev.pid, SIGCONT);
 	ck_assert_msg(r.status == 0, "run evl2: %s", r.err);
-	ck_assert_int_eq(waitpid(ev, &st, 0), ev);
+	st = kvm_test_finish(&ev, NULL);
 	kvm_test_read_file(err_path, errs, sizeof(errs));
-	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 1, "evacuate: %d: %s", st, errs);
+	ck_assert_msg(st == 1, "evacuate: exit %d: %s", st, errs);
 	ck_assert_msg(strstr(errs, "not moved") && strstr(errs, "evl2"), "%s", errs);
 
 	kvm_test_read_file(report, text, sizeof(text));
@@ -887,7 +626,7 @@ START_TEST(vm_started_during_evacuation_is_reported)
 	ck_assert_int_ne(runs_exactly_once("evl1"), 'A');
 	ck_assert_int_eq(runs_exactly_once("evl2"), 'A');
 	VMIG(&r, run_a, "stop", "evl2");
-	VMIG(&r, exists_in(tb.run, "evl1", "sock") ? tb.run : tc.run, "stop", "evl1");
+	VMIG(&r, kvm_test_exists_in(tb.run, "evl1", "sock") ? tb.run : tc.run, "stop", "evl1");
 }
 END_TEST
 
@@ -895,7 +634,7 @@ END_TEST
 START_TEST(dry_run_moves_nothing)
 {
 	struct json_object *before, *after, *plan, *rep, *vms;
-	struct result r;
+	struct kvm_test_result r;
 	size_t i;
 
 	start_targets("300M", "300M");
@@ -903,7 +642,7 @@ START_TEST(dry_run_moves_nothing)
 	snprintf(extra_target, sizeof(extra_target), "127.0.0.1:%d", kvm_test_free_port());
 	start_vm("evr1", "128M", "rate=2000,wss=2M");
 	start_vm("evr2", "64M", "rate=2000,wss=2M");
-	before = status_in(run_a, "evr1");
+	before = kvm_test_vm_status_try(run_a, "evr1");
 
 	evacuate(&r, (const char *const[]){ "--all", "--dry-run", NULL });
 	ck_assert_msg(r.status == 0, "dry run: exit %d: %s %s", r.status, r.out, r.err);
@@ -915,8 +654,8 @@ START_TEST(dry_run_moves_nothing)
 	{
 		char b[32], c[32];
 
-		snprintf(b, sizeof(b), ":%d\n", tb.port);
-		snprintf(c, sizeof(c), ":%d\n", tc.port);
+		snprintf(b, sizeof(b), ":%d\n", tb.sshd.port);
+		snprintf(c, sizeof(c), ":%d\n", tc.sshd.port);
 		ck_assert_msg(strstr(r.out, b) && strstr(r.out, c), "not spread: %s", r.out);
 	}
 
@@ -968,8 +707,8 @@ START_TEST(dry_run_moves_nothing)
 	/* Nothing moved, nothing drained: the same VMM processes run on. */
 	ck_assert_int_eq(runs_exactly_once("evr1"), 'A');
 	ck_assert_int_eq(runs_exactly_once("evr2"), 'A');
-	after = status_in(run_a, "evr1");
-	ck_assert_uint_eq(ju64(before, "pid"), ju64(after, "pid"));
+	after = kvm_test_vm_status_try(run_a, "evr1");
+	ck_assert_uint_eq(kvm_test_ju64(before, "pid"), kvm_test_ju64(after, "pid"));
 	json_object_put(before);
 	json_object_put(after);
 	ck_assert(!drained(run_a));
@@ -987,7 +726,7 @@ START_TEST(plan_that_does_not_fit_is_refused)
 {
 	char report[400], text[65536];
 	struct json_object *rep;
-	struct result r;
+	struct kvm_test_result r;
 
 	start_targets("150M", "2G");
 	VMIG(&r, tc.run, "host-info", "--drain=maintenance");
@@ -1025,16 +764,15 @@ END_TEST
 START_TEST(host_info_and_drain_mark)
 {
 	struct json_object *o, *v;
-	struct result r;
-	const char *argv[8];
+	struct kvm_test_result r;
 
 	setenv("VMIG_TEST_FREE_MEMORY", "123M", 1);
 	VMIG(&r, run_a, "host-info", "--json");
 	unsetenv("VMIG_TEST_FREE_MEMORY");
 	ck_assert_msg(r.status == 0, "host-info: %s", r.err);
 	o = parse_json(r.out);
-	ck_assert_uint_eq(ju64(o, "free_memory_bytes"), 123 * MIB);
-	ck_assert_uint_ge(ju64(o, "cpus"), 1);
+	ck_assert_uint_eq(kvm_test_ju64(o, "free_memory_bytes"), 123 * MIB);
+	ck_assert_uint_ge(kvm_test_ju64(o, "cpus"), 1);
 	ck_assert_str_eq(jstr(o, "vmig_version"), PACKAGE_VERSION);
 	ck_assert(json_object_object_get_ex(o, "kvm_cpuid", &v));
 	ck_assert_uint_gt(json_object_array_length(v), 0);
@@ -1044,7 +782,7 @@ START_TEST(host_info_and_drain_mark)
 	/* Without the hook: MemAvailable, which is not 0. */
 	VMIG(&r, run_a, "host-info", "--json");
 	o = parse_json(r.out);
-	ck_assert_uint_gt(ju64(o, "free_memory_bytes"), 0);
+	ck_assert_uint_gt(kvm_test_ju64(o, "free_memory_bytes"), 0);
 	ck_assert_str_eq(jstr(o, "free_memory_source"), "MemAvailable");
 	json_object_put(o);
 
@@ -1057,7 +795,7 @@ START_TEST(host_info_and_drain_mark)
 	VMIG(&r, run_a, "run", "evx", "--memory", "64M", "--detach");
 	ck_assert_msg(r.status == 1 && strstr(r.err, "drained") && strstr(r.err, "--undrain"),
 		      "run: %d %s", r.status, r.err);
-	ck_assert(!exists_in(run_a, "evx", "sock"));
+	ck_assert(!kvm_test_exists_in(run_a, "evx", "sock"));
 	VMIG(&r, run_a, "incoming", "--listen", "tcp://127.0.0.1:0", "--detach");
 	ck_assert_msg(r.status == 1 && strstr(r.err, "drained"), "incoming: %d %s", r.status,
 		      r.err);
@@ -1070,15 +808,10 @@ START_TEST(host_info_and_drain_mark)
 
 		snprintf(sock, sizeof(sock), "%s/in.sock", dir);
 		snprintf(uri, sizeof(uri), "unix:%s", sock);
-		argv[0] = "incoming";
-		argv[1] = "--listen";
-		argv[2] = uri;
-		argv[3] = "--detach";
-		argv[4] = NULL;
 		VMIG(&r, tb.run, "run", "evy", "--memory", "64M", "--workload", "rate=2000,wss=2M",
 		     "--detach");
 		ck_assert_msg(r.status == 0, "run evy on B: %s", r.err);
-		run_vmig(&r, run_a, argv);
+		VMIG(&r, run_a, "incoming", "--listen", uri, "--detach");
 		ck_assert_msg(r.status == 0, "incoming: %s", r.err);
 		VMIG(&r, run_a, "host-info", "--drain");
 		ck_assert_int_eq(r.status, 0);
@@ -1092,8 +825,8 @@ START_TEST(host_info_and_drain_mark)
 		 */
 		ck_assert_msg(incoming_log_says(run_a, "drained"), "the receiver did not refuse "
 			      "for the drain mark; the source said: %s", r.err);
-		ck_assert(!exists_in(run_a, "evy", "sock"));
-		assert_guest_runs(tb.run, "evy");
+		ck_assert(!kvm_test_exists_in(run_a, "evy", "sock"));
+		kvm_test_assert_guest_runs(tb.run, "evy");
 		VMIG(&r, tb.run, "stop", "evy");
 	}
 

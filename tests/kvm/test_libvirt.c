@@ -19,13 +19,10 @@
  */
 #include "config.h"
 
-#include <arpa/inet.h>
 #include <inttypes.h>
-#include <netinet/in.h>
 #include <pwd.h>
 #include <signal.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 
@@ -37,8 +34,8 @@
 #include "proc-test.h"
 #include "../../libvirt/libvirt-internal.h"
 
-#define SSHD       "/usr/sbin/sshd"
-#define SSH_KEYGEN "/usr/bin/ssh-keygen"
+#define SSHD       KVM_TEST_SSHD
+#define SSH_KEYGEN KVM_TEST_SSH_KEYGEN
 #define VIRSH      "/usr/bin/virsh"
 
 static const char *vmig_bin;
@@ -50,66 +47,10 @@ static char sock_a[300], sock_b[300];
 static char uri_a[400], uri_b[400];
 static char known_hosts[300], user_key[300], rvmig_b[300];
 static char dest_uri[1400];
-static int sshd_port;
-static pid_t sshd_pid, serve_a, serve_b;
+static struct kvm_test_sshd sshd;
+static pid_t serve_a, serve_b;
 
-struct result {
-	int status;
-	char out[65536];
-	char err[65536];
-};
-
-/* Start @argv with VMIG_RUN_DIR @run_dir (NULL: keep); stdout and stderr
- * to pipes whose read ends come back in @out_fd/@err_fd. */
-static pid_t spawn(const char *run_dir, const char *const *argv, int *out_fd, int *err_fd)
-{
-	int out[2], err[2];
-	pid_t pid;
-
-	ck_assert_int_eq(pipe(out), 0);
-	ck_assert_int_eq(pipe(err), 0);
-	pid = fork();
-	ck_assert_int_ge(pid, 0);
-	if (pid == 0) {
-		dup2(out[1], 1);
-		dup2(err[1], 2);
-		close(out[0]);
-		close(err[0]);
-		close(out[1]);
-		close(err[1]);
-		if (run_dir)
-			setenv("VMIG_RUN_DIR", run_dir, 1);
-		execv(argv[0], (char *const *)argv);
-		_exit(127);
-	}
-	close(out[1]);
-	close(err[1]);
-	*out_fd = out[0];
-	*err_fd = err[0];
-	return pid;
-}
-
-static void finish(struct result *r, pid_t pid, int out_fd, int err_fd)
-{
-	int st;
-
-	kvm_test_read_all(err_fd, r->err, sizeof(r->err));
-	kvm_test_read_all(out_fd, r->out, sizeof(r->out));
-	close(out_fd);
-	close(err_fd);
-	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-	r->status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
-
-static void run_argv(struct result *r, const char *run_dir, const char *const *argv)
-{
-	int o, e;
-	pid_t pid = spawn(run_dir, argv, &o, &e);
-
-	finish(r, pid, o, e);
-}
-
-static void run_list(struct result *r, const char *run_dir, const char *first,
+static void run_list(struct kvm_test_result *r, const char *run_dir, const char *first,
 		     const char *second, const char *third, const char *const *args)
 {
 	const char *argv[48];
@@ -123,155 +64,22 @@ static void run_list(struct result *r, const char *run_dir, const char *first,
 	while (*args && i < 47)
 		argv[i++] = *args++;
 	argv[i] = NULL;
-	run_argv(r, run_dir, argv);
+	kvm_test_run_argv(r, &(struct kvm_test_proc){ .run_dir = run_dir }, argv);
 }
 
 #define VMIG_A(r, ...) run_list((r), run_a, vmig_bin, NULL, NULL, (const char *const[]){ __VA_ARGS__, NULL })
 #define VMIG_B(r, ...) run_list((r), run_b, vmig_bin, NULL, NULL, (const char *const[]){ __VA_ARGS__, NULL })
 #define VIRSH_A(r, ...) run_list((r), NULL, VIRSH, "-c", uri_a, (const char *const[]){ __VA_ARGS__, NULL })
 #define VIRSH_B(r, ...) run_list((r), NULL, VIRSH, "-c", uri_b, (const char *const[]){ __VA_ARGS__, NULL })
-#define RUN(r, ...) run_argv((r), NULL, (const char *const[]){ __VA_ARGS__, NULL })
-
-static bool exists_in(const char *run_dir, const char *name, const char *suffix)
-{
-	char path[512];
-
-	snprintf(path, sizeof(path), "%s/%s.%s", run_dir, name, suffix);
-	return access(path, F_OK) == 0;
-}
-
-static struct json_object *status_json(const char *run_dir, const char *name)
-{
-	struct result r;
-	struct json_object *o;
-
-	run_list(&r, run_dir, vmig_bin, "status", name, (const char *const[]){ "--json", NULL });
-	ck_assert_msg(r.status == 0, "status %s in %s: exit %d: %s", name, run_dir, r.status,
-		      r.err);
-	o = json_tokener_parse(r.out);
-	ck_assert_msg(o != NULL, "status --json printed no JSON: %s", r.out);
-	return o;
-}
-
-static uint64_t pages_written(struct json_object *o)
-{
-	struct json_object *v;
-
-	return json_object_object_get_ex(o, "pages_written", &v) ? json_object_get_uint64(v) : 0;
-}
-
-static const char *jstate(struct json_object *o)
-{
-	struct json_object *v;
-
-	ck_assert(json_object_object_get_ex(o, "state", &v));
-	return json_object_get_string(v);
-}
-
-/* The guest of @name in @run_dir runs: its page counter moves. */
-static void assert_guest_runs(const char *run_dir, const char *name)
-{
-	struct json_object *o = status_json(run_dir, name);
-	uint64_t a, b, end = kvm_test_now_ms() + 5000;
-
-	ck_assert_str_eq(jstate(o), "running");
-	a = pages_written(o);
-	json_object_put(o);
-	do {
-		kvm_test_sleep_ms(100);
-		o = status_json(run_dir, name);
-		b = pages_written(o);
-		json_object_put(o);
-	} while (b <= a && kvm_test_now_ms() < end);
-	ck_assert_msg(b > a, "the guest of %s in %s made no progress: %" PRIu64 " -> %" PRIu64,
-		      name, run_dir, a, b);
-}
 
 static void start_vm(const char *name, const char *mem, const char *workload)
 {
-	struct result r;
-	uint64_t end = kvm_test_now_ms() + 20000;
-
-	VMIG_A(&r, "run", name, "--memory", mem, "--vcpus", "2", "--workload", workload,
-	       "--detach");
-	ck_assert_msg(r.status == 0, "run: %s", r.err);
-	while (kvm_test_now_ms() < end) {
-		struct json_object *o = status_json(run_a, name);
-		uint64_t pw = pages_written(o);
-
-		json_object_put(o);
-		if (pw)
-			return;
-		kvm_test_sleep_ms(50);
-	}
-	ck_abort_msg("guest of %s wrote no page in 20 s", name);
+	kvm_test_start_vm(run_a, name, mem, "2", workload);
 }
 
 /* ------------------------------------------------------------------------
  * sshd and the endpoints
  */
-
-static void keygen(const char *path)
-{
-	struct result r;
-
-	RUN(&r, SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "vmig-test", "-f", path);
-	ck_assert_msg(r.status == 0, "ssh-keygen -f %s: %s", path, r.err);
-}
-
-static void start_sshd(void)
-{
-	char conf[600], text[4096], log[400], hostkey[400], auth[400], pub[420], line[4200];
-	char *sp, *nl;
-	uint64_t end;
-	int fd;
-
-	snprintf(hostkey, sizeof(hostkey), "%s/hostkey", dir);
-	snprintf(auth, sizeof(auth), "%s/authorized_keys", dir);
-	snprintf(conf, sizeof(conf), "%s/sshd_config", dir);
-	snprintf(log, sizeof(log), "%s/sshd.log", dir);
-	keygen(hostkey);
-	keygen(user_key);
-	sshd_port = kvm_test_free_port();
-	snprintf(text, sizeof(text),
-		 "ListenAddress 127.0.0.1\nPort %d\nHostKey %s\nAuthorizedKeysFile %s\n"
-		 "PidFile %s/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
-		 "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-		 "PrintMotd no\nLogLevel VERBOSE\n", sshd_port, hostkey, auth, dir);
-	kvm_test_write_file(conf, text, 0600);
-	if (geteuid() == 0 && mkdir("/run/sshd", 0755) < 0 && errno != EEXIST)
-		ck_abort_msg("cannot create /run/sshd: %s", strerror(errno));
-	snprintf(pub, sizeof(pub), "%s.pub", user_key);
-	kvm_test_read_file(pub, text, sizeof(text));
-	kvm_test_write_file(auth, text, 0600);
-
-	sshd_pid = fork();
-	ck_assert_int_ge(sshd_pid, 0);
-	if (sshd_pid == 0) {
-		fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-		dup2(fd, 2);
-		dup2(fd, 1);
-		execl(SSHD, SSHD, "-D", "-f", conf, "-e", (char *)NULL);
-		_exit(127);
-	}
-	end = kvm_test_now_ms() + 10000;
-	while (!kvm_test_port_open(sshd_port)) {
-		ck_assert_msg(waitpid(sshd_pid, NULL, WNOHANG) == 0, "sshd exited at start");
-		ck_assert_msg(kvm_test_now_ms() < end, "sshd does not listen on port %d", sshd_port);
-		kvm_test_sleep_ms(20);
-	}
-	/* known_hosts with our sshd's key. */
-	snprintf(pub, sizeof(pub), "%s.pub", hostkey);
-	kvm_test_read_file(pub, text, sizeof(text));
-	nl = strchr(text, '\n');
-	if (nl)
-		*nl = 0;
-	sp = strrchr(text, ' ');
-	if (sp && sp != strchr(text, ' '))
-		*sp = 0;
-	snprintf(line, sizeof(line), "[127.0.0.1]:%d %s\n", sshd_port, text);
-	kvm_test_write_file(known_hosts, line, 0600);
-}
 
 /* Connect to an endpoint's socket; -1 if nothing answers. */
 static int connect_to(const char *path)
@@ -291,27 +99,19 @@ static int connect_to(const char *path)
 /* Start `vmig libvirt-serve` for @run_dir on @sock, log in DIR/serve-@tag.log. */
 static pid_t start_endpoint(const char *run_dir, const char *sock, const char *tag, bool ssh)
 {
-	char log[400], pidf[400], num[32];
+	char log[400], pidf[400], num[32], text[4096];
+	struct kvm_test_proc how = { .run_dir = run_dir, .env = KVM_TEST_ARGS("VMIG_LOG=info"),
+				     .out_path = log, .err_path = log };
 	uint64_t end = kvm_test_now_ms() + 10000;
 	pid_t pid;
-	int fd;
 
 	snprintf(log, sizeof(log), "%s/serve-%s.log", dir, tag);
-	pid = fork();
-	ck_assert_int_ge(pid, 0);
-	if (pid == 0) {
-		fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-		dup2(fd, 2);
-		dup2(fd, 1);
-		setenv("VMIG_RUN_DIR", run_dir, 1);
-		setenv("VMIG_LOG", "info", 1);
-		if (ssh)
-			execl(vmig_bin, vmig_bin, "libvirt-serve", "--socket", sock, "--remote-vmig",
-			      rvmig_b, (char *)NULL);
-		else
-			execl(vmig_bin, vmig_bin, "libvirt-serve", "--socket", sock, (char *)NULL);
-		_exit(127);
-	}
+	if (ssh)
+		kvm_test_spawn(&how, KVM_TEST_ARGS(vmig_bin, "libvirt-serve", "--socket", sock,
+						   "--remote-vmig", rvmig_b));
+	else
+		kvm_test_spawn(&how, KVM_TEST_ARGS(vmig_bin, "libvirt-serve", "--socket", sock));
+	pid = how.pid;
 	snprintf(pidf, sizeof(pidf), "%s/serve-%s.pid", dir, tag);
 	snprintf(num, sizeof(num), "%d\n", (int)pid);
 	kvm_test_write_file(pidf, num, 0600);
@@ -322,7 +122,10 @@ static pid_t start_endpoint(const char *run_dir, const char *sock, const char *t
 			close(c);
 			break;
 		}
-		ck_assert_msg(waitpid(pid, NULL, WNOHANG) == 0, "libvirt-serve exited at start");
+		if (waitpid(pid, NULL, WNOHANG) != 0) {
+			kvm_test_read_file(log, text, sizeof(text));
+			ck_abort_msg("libvirt-serve exited at start: %s", text);
+		}
 		ck_assert_msg(kvm_test_now_ms() < end, "libvirt-serve does not answer on %s", sock);
 		kvm_test_sleep_ms(20);
 	}
@@ -339,14 +142,8 @@ static void serve_log(const char *tag, char *buf, size_t len)
 
 static void setup_common(void)
 {
-	vmig_bin = getenv("VMIG");
-	ck_assert_msg(vmig_bin && *vmig_bin, "set VMIG to the vmig binary");
-	snprintf(dir, sizeof(dir), "%s/t-XXXXXX", base);
-	ck_assert_ptr_nonnull(mkdtemp(dir));
-	snprintf(run_a, sizeof(run_a), "%s/A", dir);
-	snprintf(run_b, sizeof(run_b), "%s/B", dir);
-	ck_assert_int_eq(mkdir(run_a, 0700), 0);
-	ck_assert_int_eq(mkdir(run_b, 0700), 0);
+	vmig_bin = kvm_test_vmig_bin();
+	kvm_test_make_dirs(base, dir, sizeof(dir), run_a, run_b, sizeof(run_a));
 	snprintf(sock_a, sizeof(sock_a), "%s/a.sock", dir);
 	snprintf(sock_b, sizeof(sock_b), "%s/b.sock", dir);
 	snprintf(uri_a, sizeof(uri_a), "vmig+unix:///system?socket=%s", sock_a);
@@ -376,52 +173,41 @@ static void setup_migration(void)
 	snprintf(text, sizeof(text), "#!/bin/sh\nVMIG_RUN_DIR=%s; export VMIG_RUN_DIR\n"
 		 "exec %s \"$@\"\n", run_b, vmig_bin);
 	kvm_test_write_file(rvmig_b, text, 0755);
-	start_sshd();
+	kvm_test_keygen(user_key);
+	kvm_test_sshd_start(&sshd, dir, dir, NULL);      /* makes the host key */
+	kvm_test_sshd_authorize(&sshd, user_key);
+	kvm_test_sshd_trust(&sshd, known_hosts, false);
 	snprintf(dest_uri, sizeof(dest_uri),
 		 "vmig+ssh://%s@127.0.0.1:%d/system?socket=%s&keyfile=%s&known_hosts=%s",
-		 pw->pw_name, sshd_port, sock_b, user_key, known_hosts);
+		 pw->pw_name, sshd.port, sock_b, user_key, known_hosts);
 	serve_a = start_endpoint(run_a, sock_a, "a", true);
 	serve_b = start_endpoint(run_b, sock_b, "b", false);
 }
 
-static void reap(const char *path)
-{
-	char cmd[1024];
-
-	snprintf(cmd, sizeof(cmd), "for p in %s/*.pid %s/*/*.pid %s/*/*/*.pid; do "
-		 "[ -s \"$p\" ] && kill -9 $(cat \"$p\") 2>/dev/null; done; rm -rf %s",
-		 path, path, path, path);
-	if (system(cmd) != 0)
-		fprintf(stderr, "cleanup of %s failed\n", path);
-}
-
 static void teardown(void)
 {
-	pid_t *p[] = { &serve_a, &serve_b, &sshd_pid };
+	pid_t *p[] = { &serve_a, &serve_b };
 	unsigned int i;
 
-	for (i = 0; i < 3; i++) {
+	for (i = 0; i < 2; i++) {
 		if (*p[i] > 0) {
 			kill(*p[i], SIGTERM);
 			waitpid(*p[i], NULL, 0);
 			*p[i] = 0;
 		}
 	}
-	reap(dir);
+	kvm_test_sshd_stop(&sshd);
+	kvm_test_reap(dir);
 }
 
 static void runner_setup(void)
 {
-	snprintf(base, sizeof(base), "/tmp/vmig-lv-XXXXXX");
-	if (!mkdtemp(base)) {
-		perror("mkdtemp");
-		exit(EXIT_FAILURE);
-	}
+	kvm_test_make_base(base, sizeof(base), "lv");
 }
 
 static void runner_teardown(void)
 {
-	reap(base);
+	kvm_test_reap(base);
 }
 
 /* A line of virsh's table output for VM @name, or NULL. */
@@ -445,12 +231,12 @@ static const char *line_of(const char *out, const char *name)
 START_TEST(virsh_list_info_control)
 {
 	struct json_object *o;
-	struct result r;
+	struct kvm_test_result r;
 	char want[64];
 	const char *l;
 
 	start_vm("lv1", "96M", "rate=2000,wss=4M");
-	o = status_json(run_a, "lv1");
+	o = kvm_test_vm_status(run_a, "lv1");
 
 	VIRSH_A(&r, "list");
 	ck_assert_msg(r.status == 0, "virsh list: %d %s", r.status, r.err);
@@ -492,14 +278,14 @@ START_TEST(virsh_list_info_control)
 
 	VIRSH_A(&r, "suspend", "lv1");
 	ck_assert_msg(r.status == 0, "virsh suspend: %s", r.err);
-	o = status_json(run_a, "lv1");
-	ck_assert_str_eq(jstate(o), "paused");
+	o = kvm_test_vm_status(run_a, "lv1");
+	ck_assert_str_eq(kvm_test_vm_state(o), "paused");
 	json_object_put(o);
 	VIRSH_A(&r, "domstate", "--reason", "lv1");
 	ck_assert_msg(strstr(r.out, "paused (user)"), "domstate: %s", r.out);
 	VIRSH_A(&r, "resume", "lv1");
 	ck_assert_msg(r.status == 0, "virsh resume: %s", r.err);
-	assert_guest_runs(run_a, "lv1");
+	kvm_test_assert_guest_runs(run_a, "lv1");
 
 	/* Not served: libvirt's "not supported", and the endpoint goes on. */
 	VIRSH_A(&r, "setmem", "lv1", "32M");
@@ -510,7 +296,7 @@ START_TEST(virsh_list_info_control)
 
 	VIRSH_A(&r, "destroy", "lv1");
 	ck_assert_msg(r.status == 0, "virsh destroy: %s", r.err);
-	ck_assert(!exists_in(run_a, "lv1", "sock"));
+	ck_assert(!kvm_test_exists_in(run_a, "lv1", "sock"));
 	VIRSH_A(&r, "list", "--all");
 	ck_assert_msg(r.status == 0 && !line_of(r.out, "lv1"), "after destroy: %s", r.out);
 	VIRSH_A(&r, "dominfo", "lv1");
@@ -523,10 +309,10 @@ START_TEST(virsh_list_info_control)
 	{
 		uint64_t end = kvm_test_now_ms() + 20000;
 
-		while (exists_in(run_a, "lv1s", "sock") && kvm_test_now_ms() < end)
+		while (kvm_test_exists_in(run_a, "lv1s", "sock") && kvm_test_now_ms() < end)
 			kvm_test_sleep_ms(50);
 	}
-	ck_assert_msg(!exists_in(run_a, "lv1s", "sock"), "the guest did not shut down");
+	ck_assert_msg(!kvm_test_exists_in(run_a, "lv1s", "sock"), "the guest did not shut down");
 	VIRSH_A(&r, "list", "--all");
 	ck_assert_msg(r.status == 0 && !line_of(r.out, "lv1s"), "after shutdown: %s", r.out);
 }
@@ -536,7 +322,7 @@ END_TEST
 START_TEST(virsh_create_from_xml)
 {
 	struct json_object *o;
-	struct result r;
+	struct kvm_test_result r;
 	char path[400], *p;
 
 	snprintf(path, sizeof(path), "%s/lv6.xml", dir);
@@ -550,13 +336,13 @@ START_TEST(virsh_create_from_xml)
 		   "</domain>\n", 0600);
 	VIRSH_A(&r, "create", path);
 	ck_assert_msg(r.status == 0, "virsh create: %s %s", r.out, r.err);
-	o = status_json(run_a, "lv6");
+	o = kvm_test_vm_status(run_a, "lv6");
 	ck_assert_uint_eq(json_object_get_uint64(json_object_object_get(o, "memory")), 48u << 20);
 	ck_assert_uint_eq(json_object_get_uint64(json_object_object_get(o, "vcpus")), 2);
 	ck_assert_str_eq(json_object_get_string(json_object_object_get(o, "workload")),
 			 "rate=500,wss=1M");
 	json_object_put(o);
-	assert_guest_runs(run_a, "lv6");
+	kvm_test_assert_guest_runs(run_a, "lv6");
 	VIRSH_A(&r, "create", path);
 	ck_assert_msg(r.status != 0 && strstr(r.err, "already exists"), "twice: %s", r.err);
 
@@ -569,8 +355,8 @@ START_TEST(virsh_create_from_xml)
 	kvm_test_write_file(path, r.out, 0600);
 	VIRSH_A(&r, "create", "--paused", path);
 	ck_assert_msg(r.status == 0, "virsh create --paused: %s", r.err);
-	o = status_json(run_a, "lv7");
-	ck_assert_str_eq(jstate(o), "paused");
+	o = kvm_test_vm_status(run_a, "lv7");
+	ck_assert_str_eq(kvm_test_vm_state(o), "paused");
 	ck_assert_uint_eq(json_object_get_uint64(json_object_object_get(o, "memory")), 48u << 20);
 	json_object_put(o);
 
@@ -583,7 +369,7 @@ START_TEST(virsh_create_from_xml)
 		   "<devices><disk type='file'/></devices></domain>", 0600);
 	VIRSH_A(&r, "create", path);
 	ck_assert_msg(r.status != 0 && strstr(r.err, "no disks"), "disk: %s", r.err);
-	ck_assert(!exists_in(run_a, "lv8", "sock"));
+	ck_assert(!kvm_test_exists_in(run_a, "lv8", "sock"));
 	VIRSH_A(&r, "destroy", "lv6");
 	ck_assert_int_eq(r.status, 0);
 	VIRSH_A(&r, "destroy", "lv7");
@@ -656,7 +442,7 @@ again:
 /* The endpoint still serves: virsh lists. */
 static void assert_endpoint_serves(void)
 {
-	struct result r;
+	struct kvm_test_result r;
 
 	ck_assert_msg(kill(serve_a, 0) == 0, "libvirt-serve died");
 	VIRSH_A(&r, "list");
@@ -826,7 +612,7 @@ END_TEST
 /* virsh migrate --live --p2p ... to B over ssh: the VM arrives and runs. */
 START_TEST(virsh_migrate_p2p)
 {
-	struct result r;
+	struct kvm_test_result r;
 	char log[65536];
 	const char *l;
 
@@ -843,13 +629,13 @@ START_TEST(virsh_migrate_p2p)
 	ck_assert_msg(strstr(log, "\"uri\":\"ssh://"), "not over ssh: %s", log);
 
 	/* Gone from A, running on B, as both virsh and vmig see it. */
-	ck_assert(!exists_in(run_a, "lv3", "sock"));
+	ck_assert(!kvm_test_exists_in(run_a, "lv3", "sock"));
 	VIRSH_A(&r, "list", "--all");
 	ck_assert_msg(r.status == 0 && !line_of(r.out, "lv3"), "A still lists lv3: %s", r.out);
 	VIRSH_B(&r, "list");
 	l = line_of(r.out, "lv3");
 	ck_assert_msg(r.status == 0 && l && strstr(l, "running"), "B lists: %s %s", r.out, r.err);
-	assert_guest_runs(run_b, "lv3");
+	kvm_test_assert_guest_runs(run_b, "lv3");
 	VIRSH_B(&r, "destroy", "lv3");
 	ck_assert_msg(r.status == 0, "destroy on B: %s", r.err);
 }
@@ -861,17 +647,16 @@ START_TEST(virsh_jobinfo_and_abort)
 {
 	const char *argv[] = { VIRSH, "-c", uri_a, "migrate", "--live", "--p2p", "lv2",
 			       dest_uri, NULL };
-	struct result r, mig;
+	struct kvm_test_proc migp = { 0 };
+	struct kvm_test_result r, mig;
 	uint64_t end;
 	bool seen = false;
-	int o, e;
-	pid_t pid;
 
 	start_vm("lv2", "160M", "rate=max,wss=48M");
 	/* 1 ms of downtime: with 2 x 48 MiB dirtied at full speed, never reached. */
 	VIRSH_A(&r, "migrate-setmaxdowntime", "lv2", "1");
 	ck_assert_msg(r.status == 0, "migrate-setmaxdowntime: %s", r.err);
-	pid = spawn(NULL, argv, &o, &e);
+	kvm_test_spawn(&migp, argv);
 	end = kvm_test_now_ms() + 30000;
 	while (!seen && kvm_test_now_ms() < end) {
 		const char *p, *q;
@@ -892,7 +677,7 @@ START_TEST(virsh_jobinfo_and_abort)
 	VIRSH_A(&r, "migrate-setspeed", "lv2", "64");
 	ck_assert_msg(r.status == 0, "migrate-setspeed: %s", r.err);
 	{
-		struct json_object *st = status_json(run_a, "lv2"), *mg = NULL;
+		struct json_object *st = kvm_test_vm_status(run_a, "lv2"), *mg = NULL;
 
 		ck_assert(json_object_object_get_ex(st, "migration", &mg));
 		ck_assert_msg(json_object_get_int64(json_object_object_get(mg,
@@ -903,11 +688,11 @@ START_TEST(virsh_jobinfo_and_abort)
 
 	VIRSH_A(&r, "domjobabort", "lv2");
 	ck_assert_msg(r.status == 0, "domjobabort: %s", r.err);
-	finish(&mig, pid, o, e);
+	kvm_test_finish(&migp, &mig);
 	ck_assert_msg(mig.status == 1 && strstr(mig.err, "operation aborted"),
 		      "migrate after abort: %d %s %s", mig.status, mig.out, mig.err);
-	assert_guest_runs(run_a, "lv2");
-	ck_assert(!exists_in(run_b, "lv2", "sock"));
+	kvm_test_assert_guest_runs(run_a, "lv2");
+	ck_assert(!kvm_test_exists_in(run_b, "lv2", "sock"));
 	VIRSH_A(&r, "domjobinfo", "--completed", "lv2");
 	ck_assert_msg(r.status == 0 && strstr(r.out, "Cancelled"), "completed job: %s %s",
 		      r.out, r.err);
@@ -920,7 +705,7 @@ END_TEST
  * second thread polls virDomainGetJobStats on the same connection. */
 START_TEST(api_migrate_with_job_stats)
 {
-	struct result r;
+	struct kvm_test_result r;
 	char log[65536];
 	const char *p;
 
@@ -954,11 +739,11 @@ START_TEST(api_migrate_with_job_stats)
 	ck_assert_msg(strstr(log, "\"channels\":1"), "parallel connections: %s", log);
 	ck_assert_msg(strstr(log, "\"compress\":\"lz4\""), "compression: %s", log);
 
-	ck_assert(!exists_in(run_a, "lv4", "sock"));
+	ck_assert(!kvm_test_exists_in(run_a, "lv4", "sock"));
 	{
-		struct json_object *o = status_json(run_b, "lv4b");
+		struct json_object *o = kvm_test_vm_status(run_b, "lv4b");
 
-		ck_assert_str_eq(jstate(o), "running");   /* idle by now: no progress */
+		ck_assert_str_eq(kvm_test_vm_state(o), "running");   /* idle by now: no progress */
 		json_object_put(o);
 	}
 	VMIG_B(&r, "stop", "lv4b");
@@ -971,7 +756,7 @@ END_TEST
 START_TEST(virsh_migrate_tcp_migrateuri)
 {
 	char listen[64];
-	struct result r;
+	struct kvm_test_result r;
 	int port = kvm_test_free_port();
 
 	snprintf(listen, sizeof(listen), "tcp://127.0.0.1:%d", port);
@@ -980,8 +765,8 @@ START_TEST(virsh_migrate_tcp_migrateuri)
 	start_vm("lv9", "64M", "rate=1000,wss=2M");
 	VIRSH_A(&r, "migrate", "--live", "--p2p", "--migrateuri", listen, "lv9", dest_uri);
 	ck_assert_msg(r.status == 0, "virsh migrate --migrateuri: %s %s", r.out, r.err);
-	ck_assert(!exists_in(run_a, "lv9", "sock"));
-	assert_guest_runs(run_b, "lv9");
+	ck_assert(!kvm_test_exists_in(run_a, "lv9", "sock"));
+	kvm_test_assert_guest_runs(run_b, "lv9");
 	VMIG_B(&r, "stop", "lv9");
 	ck_assert_int_eq(r.status, 0);
 }
@@ -997,7 +782,7 @@ START_TEST(virsh_over_libvirt_ssh_transport)
 {
 	char wrap[400], text[800], uri[1200];
 	struct passwd *pw = getpwuid(geteuid());
-	struct result r;
+	struct kvm_test_result r;
 	const char *l;
 
 	ck_assert_msg(access("/usr/bin/nc", X_OK) == 0, "no /usr/bin/nc: install Debian's "
@@ -1007,7 +792,7 @@ START_TEST(virsh_over_libvirt_ssh_transport)
 		 "-o BatchMode=yes \"$@\"\n", known_hosts);
 	kvm_test_write_file(wrap, text, 0755);
 	snprintf(uri, sizeof(uri), "vmig+ssh://%s@127.0.0.1:%d/system?socket=%s&keyfile=%s&"
-		 "command=%s&proxy=netcat", pw->pw_name, sshd_port, sock_a, user_key, wrap);
+		 "command=%s&proxy=netcat", pw->pw_name, sshd.port, sock_a, user_key, wrap);
 	start_vm("lv10", "48M", "rate=500,wss=1M");
 	run_list(&r, NULL, VIRSH, "-c", uri, (const char *const[]){ "list", NULL });
 	l = line_of(r.out, "lv10");
@@ -1019,14 +804,14 @@ START_TEST(virsh_over_libvirt_ssh_transport)
 	ck_assert_msg(r.status == 0 && strstr(r.out, "paused"), "domstate: %s %s", r.out, r.err);
 	run_list(&r, NULL, VIRSH, "-c", uri, (const char *const[]){ "destroy", "lv10", NULL });
 	ck_assert_msg(r.status == 0, "destroy over ssh: %s", r.err);
-	ck_assert(!exists_in(run_a, "lv10", "sock"));
+	ck_assert(!kvm_test_exists_in(run_a, "lv10", "sock"));
 }
 END_TEST
 
 /* Flags and parameters vmig cannot honour are refused, the VM stays. */
 START_TEST(unsupported_migration_refused)
 {
-	struct result r;
+	struct kvm_test_result r;
 
 	start_vm("lv5", "64M", "rate=2000,wss=2M");
 	VIRSH_A(&r, "migrate", "--live", "--p2p", "--tunnelled", "lv5", dest_uri);
@@ -1035,7 +820,7 @@ START_TEST(unsupported_migration_refused)
 	ck_assert_msg(r.status != 0, "non-p2p migration: %s %s", r.out, r.err);
 	VIRSH_A(&r, "migrate", "--live", "--p2p", "lv5", "qemu+ssh://127.0.0.1/system");
 	ck_assert_msg(r.status != 0 && strstr(r.err, "vmig+ssh"), "qemu URI: %s", r.err);
-	assert_guest_runs(run_a, "lv5");
+	kvm_test_assert_guest_runs(run_a, "lv5");
 }
 END_TEST
 

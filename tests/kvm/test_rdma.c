@@ -22,8 +22,6 @@
 
 #include <inttypes.h>
 #include <signal.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
 
 #ifdef HAVE_RDMA
 #include <infiniband/verbs.h>
@@ -39,168 +37,33 @@ static char dir[256];
 static char run_a[300];
 static char run_b[300];
 
-struct result {
-	int status;            /* exit code, or 128 + signal */
-	char out[65536];
-	char err[65536];
-};
-
-/* Run vmig with @args and @run_dir as VMIG_RUN_DIR. */
-static void run_vmig(struct result *r, const char *run_dir, const char *const *args)
-{
-	const char *argv[40];
-	unsigned int i = 0;
-	int out[2], err[2], st;
-	pid_t pid;
-
-	argv[i++] = vmig_bin;
-	while (*args && i < 39)
-		argv[i++] = *args++;
-	argv[i] = NULL;
-	ck_assert_int_eq(pipe(out), 0);
-	ck_assert_int_eq(pipe(err), 0);
-	pid = fork();
-	ck_assert_int_ge(pid, 0);
-	if (pid == 0) {
-		dup2(out[1], 1);
-		dup2(err[1], 2);
-		close(out[0]);
-		close(err[0]);
-		close(out[1]);
-		close(err[1]);
-		setenv("VMIG_RUN_DIR", run_dir, 1);
-		execv(argv[0], (char *const *)argv);
-		_exit(127);
-	}
-	close(out[1]);
-	close(err[1]);
-	kvm_test_read_all(err[0], r->err, sizeof(r->err));
-	kvm_test_read_all(out[0], r->out, sizeof(r->out));
-	close(out[0]);
-	close(err[0]);
-	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-	r->status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
-
-#define RUN_A(r, ...) run_vmig((r), run_a, (const char *const[]){ __VA_ARGS__, NULL })
-#define RUN_B(r, ...) run_vmig((r), run_b, (const char *const[]){ __VA_ARGS__, NULL })
-
-static bool exists_in(const char *run_dir, const char *name, const char *suffix)
-{
-	char path[512];
-
-	snprintf(path, sizeof(path), "%s/%s.%s", run_dir, name, suffix);
-	return access(path, F_OK) == 0;
-}
-
-static struct json_object *status_json(const char *run_dir, const char *name)
-{
-	struct result r;
-	struct json_object *o;
-
-	run_vmig(&r, run_dir, (const char *const[]){ "status", name, "--json", NULL });
-	ck_assert_msg(r.status == 0, "status %s in %s: exit %d: %s", name, run_dir, r.status,
-		      r.err);
-	o = json_tokener_parse(r.out);
-	ck_assert_msg(o != NULL, "status --json printed no JSON: %s", r.out);
-	return o;
-}
-
-static uint64_t pages_written(struct json_object *o)
-{
-	struct json_object *v;
-
-	return json_object_object_get_ex(o, "pages_written", &v) ? json_object_get_uint64(v) : 0;
-}
-
-static const char *jstate(struct json_object *o)
-{
-	struct json_object *v;
-
-	ck_assert(json_object_object_get_ex(o, "state", &v));
-	return json_object_get_string(v);
-}
-
-/* The guest of @name in @run_dir runs: its page counter moves. */
-static void assert_guest_runs(const char *run_dir, const char *name)
-{
-	struct json_object *o = status_json(run_dir, name);
-	uint64_t a, b, end = kvm_test_now_ms() + 5000;
-
-	ck_assert_str_eq(jstate(o), "running");
-	a = pages_written(o);
-	json_object_put(o);
-	do {
-		kvm_test_sleep_ms(100);
-		o = status_json(run_dir, name);
-		b = pages_written(o);
-		json_object_put(o);
-	} while (b <= a && kvm_test_now_ms() < end);
-	ck_assert_msg(b > a, "the guest of %s in %s made no progress: %" PRIu64 " -> %" PRIu64,
-		      name, run_dir, a, b);
-}
+#define RUN_A(r, ...) KVM_TEST_VMIG((r), run_a, __VA_ARGS__)
+#define RUN_B(r, ...) KVM_TEST_VMIG((r), run_b, __VA_ARGS__)
 
 static void start_vm(const char *name, const char *workload)
 {
-	struct result r;
-	uint64_t end = kvm_test_now_ms() + 20000;
-
-	RUN_A(&r, "run", name, "--memory", "96M", "--vcpus", "1", "--workload", workload,
-	      "--detach");
-	ck_assert_msg(r.status == 0, "run: %s", r.err);
-	while (kvm_test_now_ms() < end) {
-		struct json_object *o = status_json(run_a, name);
-		uint64_t pw = pages_written(o);
-
-		json_object_put(o);
-		if (pw)
-			return;
-		kvm_test_sleep_ms(50);
-	}
-	ck_abort_msg("guest of %s wrote no page in 20 s", name);
-}
-
-/* Stop whatever runs from @path (VMMs), remove it all. */
-static void reap(const char *path)
-{
-	char cmd[1024];
-
-	snprintf(cmd, sizeof(cmd), "for p in %s/*.pid %s/*/*.pid %s/*/*/*.pid; do "
-		 "[ -s \"$p\" ] && kill -9 $(cat \"$p\") 2>/dev/null; done; rm -rf %s",
-		 path, path, path, path);
-	if (system(cmd) != 0)
-		fprintf(stderr, "cleanup of %s failed\n", path);
+	kvm_test_start_vm(run_a, name, "96M", "1", workload);
 }
 
 static void setup(void)
 {
-	vmig_bin = getenv("VMIG");
-	ck_assert_msg(vmig_bin && *vmig_bin, "set VMIG to the vmig binary");
-	snprintf(dir, sizeof(dir), "%s/t-XXXXXX", base);
-	ck_assert_ptr_nonnull(mkdtemp(dir));
-	snprintf(run_a, sizeof(run_a), "%s/A", dir);
-	snprintf(run_b, sizeof(run_b), "%s/B", dir);
-	ck_assert_int_eq(mkdir(run_a, 0700), 0);
-	ck_assert_int_eq(mkdir(run_b, 0700), 0);
+	vmig_bin = kvm_test_vmig_bin();
+	kvm_test_make_dirs(base, dir, sizeof(dir), run_a, run_b, sizeof(run_a));
 }
 
 static void teardown(void)
 {
-	reap(dir);
+	kvm_test_reap(dir);
 }
 
 static void runner_setup(void)
 {
-	snprintf(base, sizeof(base), "/tmp/vmig-rdma-XXXXXX");
-	if (!mkdtemp(base)) {
-		perror("mkdtemp");
-		exit(EXIT_FAILURE);
-	}
+	kvm_test_make_base(base, sizeof(base), "rdma");
 }
 
 static void runner_teardown(void)
 {
-	reap(base);
+	kvm_test_reap(base);
 }
 
 /* What a host without RDMA says, and why (for the SKIP line). */
@@ -237,7 +100,7 @@ static bool have_device(char *why, size_t len)
 
 START_TEST(migrate_without_rdma)
 {
-	struct result r;
+	struct kvm_test_result r;
 
 	start_vm("rdm", "rate=max,wss=2M");
 	RUN_A(&r, "migrate", "rdm", "rdma://127.0.0.1:4444");
@@ -250,7 +113,7 @@ START_TEST(migrate_without_rdma)
 #ifdef HAVE_RDMA
 	ck_assert_msg(strstr(r.err, "rdma_rxe"), "no hint on what to load: %s", r.err);
 #endif
-	assert_guest_runs(run_a, "rdm");
+	kvm_test_assert_guest_runs(run_a, "rdm");
 	/* An IPv6 address and a name: the same. */
 	RUN_A(&r, "migrate", "rdm", "rdma://[::1]:4444", "--json");
 	ck_assert_msg(r.status == 1, "migrate: exit %d: %s %s", r.status, r.out, r.err);
@@ -262,7 +125,7 @@ START_TEST(migrate_without_rdma)
 	RUN_A(&r, "migrate", "rdm", "rdma://localhost");
 	ck_assert_msg(r.status != 0 && strstr(r.err, "missing port"), "migrate: exit %d: %s",
 		      r.status, r.err);
-	assert_guest_runs(run_a, "rdm");
+	kvm_test_assert_guest_runs(run_a, "rdm");
 	RUN_A(&r, "stop", "rdm");
 	ck_assert_int_eq(r.status, 0);
 }
@@ -270,20 +133,22 @@ END_TEST
 
 START_TEST(incoming_without_rdma)
 {
-	struct result r;
+	struct kvm_test_result r;
 
 	RUN_B(&r, "incoming", "--listen", "rdma://127.0.0.1:0", "--name", "rdin");
 	ck_assert_msg(r.status == 1, "incoming: exit %d: %s %s", r.status, r.out, r.err);
 	ck_assert_msg(strstr(r.err, NO_RDMA_MSG), "incoming said '%s'", r.err);
 	ck_assert_msg(strstr(r.err, "cannot listen on rdma://127.0.0.1:0"), "%s", r.err);
-	ck_assert(!exists_in(run_b, "rdin", "pid") && !exists_in(run_b, "rdin", "sock"));
+	ck_assert(!kvm_test_exists_in(run_b, "rdin", "pid") &&
+		  !kvm_test_exists_in(run_b, "rdin", "sock"));
 
 	/* --detach: the parent reports the child's failure and exits 1. */
 	RUN_B(&r, "incoming", "--listen", "rdma://[::1]:4444", "--name", "rdin", "--detach");
 	ck_assert_msg(r.status == 1, "incoming --detach: exit %d: %s %s", r.status, r.out,
 		      r.err);
 	ck_assert_msg(strstr(r.err, NO_RDMA_MSG), "incoming --detach said '%s'", r.err);
-	ck_assert(!exists_in(run_b, "rdin", "pid") && !exists_in(run_b, "rdin", "sock"));
+	ck_assert(!kvm_test_exists_in(run_b, "rdin", "pid") &&
+		  !kvm_test_exists_in(run_b, "rdin", "sock"));
 }
 END_TEST
 
@@ -310,14 +175,14 @@ static int test_port(void)
 START_TEST(live_migration_over_rdma)
 {
 	struct json_object *res, *o;
-	struct result r;
+	struct kvm_test_result r;
 	char uri[300];
-	uint64_t before, after;
+	uint64_t before;
 
 	rdma_uri(uri, sizeof(uri), test_port());
 	start_vm("rdlive", "rate=max,wss=2M");
-	o = status_json(run_a, "rdlive");
-	before = pages_written(o);
+	o = kvm_test_vm_status(run_a, "rdlive");
+	before = kvm_test_pages_written(o);
 	json_object_put(o);
 	RUN_B(&r, "incoming", "--listen", uri, "--detach");
 	ck_assert_msg(r.status == 0, "incoming: exit %d: %s", r.status, r.err);
@@ -330,14 +195,10 @@ START_TEST(live_migration_over_rdma)
 			      "completed"), "result: %s", r.out);
 	json_object_put(res);
 
-	ck_assert(!exists_in(run_a, "rdlive", "pid") && !exists_in(run_a, "rdlive", "sock"));
-	o = status_json(run_b, "rdlive");
-	ck_assert_str_eq(jstate(o), "running");
-	after = pages_written(o);
-	json_object_put(o);
-	ck_assert_msg(after > before, "guest counters went back: %" PRIu64 " -> %" PRIu64,
-		      before, after);
-	assert_guest_runs(run_b, "rdlive");
+	ck_assert(!kvm_test_exists_in(run_a, "rdlive", "pid") &&
+		  !kvm_test_exists_in(run_a, "rdlive", "sock"));
+	kvm_test_assert_arrived(run_b, "rdlive", before);
+	kvm_test_assert_guest_runs(run_b, "rdlive");
 	RUN_B(&r, "stop", "rdlive");
 	ck_assert_int_eq(r.status, 0);
 }
@@ -345,35 +206,20 @@ END_TEST
 
 START_TEST(destination_killed_mid_stream)
 {
-	char uri[300], out[8192], path[400], pidfile[400], buf[32];
-	const char *argv[10];
-	struct result r;
-	pid_t mig, dst = 0;
-	int i, st, fd;
+	char uri[300], path[400], pidfile[400], buf[32];
+	struct kvm_test_proc mig = { .run_dir = run_a, .out_path = path, .err_path = path };
+	struct kvm_test_result r;
+	pid_t dst = 0;
+	int i;
 
 	rdma_uri(uri, sizeof(uri), test_port() + 1);
 	/* Dirtied at full speed, never converges under a 1 ms limit. */
 	start_vm("rdkill", "rate=max,wss=48M");
 	RUN_B(&r, "incoming", "--listen", uri, "--detach");
 	ck_assert_msg(r.status == 0, "incoming: exit %d: %s", r.status, r.err);
-	argv[0] = vmig_bin;
-	argv[1] = "migrate";
-	argv[2] = "rdkill";
-	argv[3] = uri;
-	argv[4] = "--max-downtime";
-	argv[5] = "1";
-	argv[6] = NULL;
 	snprintf(path, sizeof(path), "%s/migrate.out", dir);
-	mig = fork();
-	ck_assert_int_ge(mig, 0);
-	if (mig == 0) {
-		fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-		dup2(fd, 1);
-		dup2(fd, 2);
-		setenv("VMIG_RUN_DIR", run_a, 1);
-		execv(vmig_bin, (char *const *)argv);
-		_exit(127);
-	}
+	kvm_test_spawn(&mig, KVM_TEST_ARGS(vmig_bin, "migrate", "rdkill", uri, "--max-downtime",
+					   "1"));
 	/* The destination claims the name once CONFIG came: kill it then. */
 	snprintf(pidfile, sizeof(pidfile), "%s/rdkill.pid", run_b);
 	for (i = 0; i < 1000 && dst <= 0; i++) {
@@ -385,12 +231,11 @@ START_TEST(destination_killed_mid_stream)
 	kvm_test_sleep_ms(300);
 	ck_assert_int_eq(kill(dst, SIGKILL), 0);
 
-	ck_assert_int_eq(waitpid(mig, &st, 0), mig);
-	kvm_test_read_file(path, out, sizeof(out));
-	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 1, "migrate: %d: %s", st, out);
-	ck_assert_msg(strstr(out, "failed") && strstr(out, "keeps running"), "%s", out);
-	ck_assert_msg(strstr(out, "rdma://"), "the error does not name the peer: %s", out);
-	assert_guest_runs(run_a, "rdkill");
+	kvm_test_finish(&mig, &r);
+	ck_assert_msg(r.status == 1, "migrate: exit %d: %s", r.status, r.out);
+	ck_assert_msg(strstr(r.out, "failed") && strstr(r.out, "keeps running"), "%s", r.out);
+	ck_assert_msg(strstr(r.out, "rdma://"), "the error does not name the peer: %s", r.out);
+	kvm_test_assert_guest_runs(run_a, "rdkill");
 	RUN_A(&r, "stop", "rdkill");
 	ck_assert_int_eq(r.status, 0);
 }

@@ -257,8 +257,9 @@ int cmd_shutdown(int argc, char **argv)
 	ret = parse_simple("shutdown", argc, argv, false, true, &json, &name,
 			   "Usage: vmig shutdown NAME\n\n"
 			   "Ask VM NAME's guest to power itself off, and wait (60 s at most) until\n"
-			   "it has and its VMM process has exited.  Only vmig's built-in guest can\n"
-			   "be asked; use vmig stop for others.\n");
+			   "it has and its VMM process has exited.  A Linux guest gets a press of\n"
+			   "its ACPI power button; one without it (acpi=off) cannot be asked: use\n"
+			   "vmig stop.\n");
 	if (ret)
 		return ret;
 	if (cli_vm_call(name, "shutdown", &reply) < 0)

@@ -284,11 +284,13 @@ static struct json_object *handle_request(struct server *s, struct client *clien
 		return cli_vm_status_json(s->vm);
 	}
 	/*
-	 * "shutdown": ask the guest to power itself off; the VMM then ends as
-	 * on any guest power-off.  Only the built-in guest can be asked (no
-	 * ACPI power button yet for kernels).
+	 * "shutdown": ask the guest to power itself off (the built-in guest
+	 * through its status page, a Linux guest with its ACPI power button);
+	 * the VMM then ends as on any guest power-off.
 	 */
 	if (!strcmp(cmd, "shutdown")) {
+		struct vmig_err err = { 0 };
+
 		if (s->mig)
 			return vmig_ctl_reply_error(EBUSY, "a migration is in progress "
 						    "(vmig cancel %s first)",
@@ -297,13 +299,13 @@ static struct json_object *handle_request(struct server *s, struct client *clien
 			return vmig_ctl_reply_error(EBUSY, "the VM is not running: a paused "
 						    "guest cannot shut itself down (vmig "
 						    "resume, or vmig stop)");
-		ret = vmig_guest_request_shutdown(s->vm);
+		ret = vmig_vm_request_poweroff(s->vm, &err);
 		if (ret)
 			return vmig_ctl_reply_error(ENOTSUP, "this guest cannot be asked to shut "
-						    "down (only vmig's built-in guest can: a Linux "
-						    "guest has no ACPI power button here yet); "
-						    "use vmig stop");
-		vmig_log(VMIG_LOG_INFO, "asked the guest to shut down");
+						    "down now: %s; use vmig stop to end it "
+						    "anyway", err.msg);
+		vmig_log(VMIG_LOG_INFO, "asked the guest to shut down%s",
+			 vmig_vm_can_reboot(s->vm) ? " (ACPI power button)" : "");
 		return vmig_ctl_reply_ok();
 	}
 	if (!strcmp(cmd, "stop")) {

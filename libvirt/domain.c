@@ -1124,7 +1124,7 @@ static int simple_vm_cmd(struct lv_call *c, const char *cmd, bool with_flags)
 		if (ret == -EOPNOTSUPP && !strcmp(cmd, "shutdown")) {
 			vmig__lv_fail(c, VIR_ERR_OPERATION_UNSUPPORTED, "VM '%s' cannot be asked "
 				      "to shut down: %s (use 'virsh destroy' to stop it)", dom.name,
-				      msg[0] ? msg : "its guest has no power button here");
+				      msg[0] ? msg : "its guest did not take the power button");
 			DONE(-1);
 		}
 		if (ret < 0) {

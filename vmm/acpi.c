@@ -1,6 +1,7 @@
 /*
  * ACPI for Linux guests: the firmware tables, and the one ACPI device
- * vmig emulates, the PM1a event and control registers.
+ * vmig emulates, the PM1a event and control registers with the
+ * fixed-feature power button.
  *
  * Tables (ACPI 2.0 layouts, which every 64-bit Linux reads), written once
  * at boot into the BIOS area, reserved in the e820 map:
@@ -10,8 +11,9 @@
  *   FADT      PM1a event block at 0x600 (4 bytes), PM1a control block at
  *             0x604 (2 bytes), no PM timer, no GPE blocks, no SMI command
  *             port (the machine is always in ACPI mode), SCI on IRQ 9;
- *             the reset register is port 0xcf9 with value 0x06
- *             (platform.c resets on bit 2)
+ *             the power button is a fixed feature (flag PWR_BUTTON clear),
+ *             there is no sleep button; the reset register is port 0xcf9
+ *             with value 0x06 (platform.c resets on bit 2)
  *   FACS      required by the specification for a non-reduced machine
  *   DSDT      only Name (_S5, Package () { 5, 5, 0, 0 }): what ACPICA
  *             needs to put the machine in S5 (soft-off)
@@ -26,14 +28,27 @@
  * PM1: a guest power-off writes SLP_TYP = 5 (\_S5's value) with SLP_EN to
  * PM1a_CNT; vmig then stops the VM as powered off (exit code 0).  A reset
  * through the FADT's reset register reaches port 0xcf9.  SCI_EN reads as 1
- * always; no fixed event ever fires, so the SCI never does.
+ * always.  The one fixed event is the power button (vmig shutdown): a press
+ * sets PWRBTN_STS (bit 8 of PM1_STS, 0x600; the guest clears it by writing
+ * 1), and while PWRBTN_EN (bit 8 of PM1_EN, 0x602) is set too the SCI, ISA
+ * IRQ 9, is held high through KVM_IRQ_LINE (level-triggered, active high,
+ * as the MADT's override says).  Linux's ACPI button driver enables the
+ * button, takes the SCI, clears the status and reports KEY_POWER to user
+ * space, which decides (a distribution's logind powers off).  A guest that
+ * never enabled the button (still booting, acpi=off, no driver) is not
+ * pressed: vmig_vm_request_poweroff() says so instead.  The registers go
+ * with the VM's state (section "acpi.pm"); a loaded VM raises the SCI again
+ * if they say it is pending.
  *
  * Threads: the tables are written by the owner before any vCPU runs; the
- * PM1 registers are accessed from vCPU threads under pm->lock.
+ * PM1 registers are accessed from vCPU threads and the owner (the button)
+ * under pm->lock, which also orders the SCI's KVM_IRQ_LINE calls.
  */
 #include "config.h"
 
+#include <errno.h>
 #include <string.h>
+#include <sys/ioctl.h>
 
 #include "vmm-internal.h"
 
@@ -45,6 +60,8 @@
 #define RESET_VALUE          0x06u
 #define S5_SLP_TYP           5u
 
+#define PM1_STS_PWRBTN       0x0100u  /* PWRBTN_STS, write 1 to clear */
+#define PM1_EN_PWRBTN        0x0100u  /* PWRBTN_EN */
 #define PM1_CNT_SCI_EN       0x0001u
 #define PM1_CNT_SLP_TYP(v)   (((v) >> 10) & 7u)
 #define PM1_CNT_SLP_EN       0x2000u
@@ -123,11 +140,12 @@ static void write_fadt(uint8_t *f, uint32_t facs, uint32_t dsdt)
 	/* IAPC_BOOT_ARCH: legacy devices (COM1, RTC); no 8042, no VGA, no MSI. */
 	put16(f + 109, 0x0001 | 0x0004 | 0x0008);
 	/*
-	 * Flags: WBINVD works (0), C1 (HLT) on every vCPU (2), power and
-	 * sleep buttons absent as fixed features (4, 5), the reset register
-	 * is supported (10).
+	 * Flags: WBINVD works (0), C1 (HLT) on every vCPU (2), the power
+	 * button is a fixed feature (PWR_BUTTON, 4, clear), no sleep button
+	 * (SLP_BUTTON, 5: none as a fixed feature, none in the DSDT), the
+	 * reset register is supported (10).
 	 */
-	put32(f + 112, (1u << 0) | (1u << 2) | (1u << 4) | (1u << 5) | (1u << 10));
+	put32(f + 112, (1u << 0) | (1u << 2) | (1u << 5) | (1u << 10));
 	gas_io(f + 116, 8, RESET_PORT, 1);
 	f[128] = RESET_VALUE;
 	/* X_FIRMWARE_CTRL stays 0: the two FACS pointers exclude each other. */
@@ -243,6 +261,21 @@ void vmig__acpi_pm_fini(struct vmig__acpi_pm *pm)
 	pthread_mutex_destroy(&pm->lock);
 }
 
+/* The SCI's level the registers ask for: an enabled event with its status set. */
+static bool sci_pending(const struct vmig__acpi_pm *pm)
+{
+	return (pm->sts & pm->en & PM1_STS_PWRBTN) != 0;
+}
+
+/* Drive the SCI (ISA IRQ 9, level) through the in-kernel irqchip; under pm->lock. */
+static void set_sci(struct vmig_vm *vm, bool level)
+{
+	struct kvm_irq_level irq = { .irq = SCI_IRQ, .level = level };
+
+	if (vm->vm_fd >= 0 && ioctl(vm->vm_fd, KVM_IRQ_LINE, &irq) < 0)
+		vmig_log(VMIG_LOG_WARN, "acpi: KVM_IRQ_LINE %u: %s", SCI_IRQ, strerror(errno));
+}
+
 static uint16_t *pm_reg(struct vmig__acpi_pm *pm, unsigned int index)
 {
 	switch (index) {
@@ -257,7 +290,7 @@ bool vmig__acpi_pm_io(struct vmig_vm *vm, uint16_t port, bool is_write, uint8_t 
 {
 	struct vmig__acpi_pm *pm = &vm->acpi_pm;
 	unsigned int off, i;
-	bool power_off = false;
+	bool power_off = false, sci;
 
 	if (port < PM1A_EVT_PORT || port >= PM1_PORTS_END)
 		return false;
@@ -269,6 +302,7 @@ bool vmig__acpi_pm_io(struct vmig_vm *vm, uint16_t port, bool is_write, uint8_t 
 		return true;
 	}
 	pthread_mutex_lock(&pm->lock);
+	sci = sci_pending(pm);
 	if (!is_write) {
 		for (i = 0; i < size; i++) {
 			uint16_t v = *pm_reg(pm, (off + i) / 2);
@@ -305,6 +339,8 @@ bool vmig__acpi_pm_io(struct vmig_vm *vm, uint16_t port, bool is_write, uint8_t 
 			break;
 		}
 	}
+	if (sci_pending(pm) != sci)
+		set_sci(vm, !sci);
 out:
 	pthread_mutex_unlock(&pm->lock);
 	if (power_off)
@@ -319,11 +355,59 @@ void vmig__acpi_pm_save(struct vmig__acpi_pm *pm, struct vmig__acpi_pm_state *ou
 	pthread_mutex_unlock(&pm->lock);
 }
 
-void vmig__acpi_pm_load(struct vmig__acpi_pm *pm, const struct vmig__acpi_pm_state *in)
+void vmig__acpi_pm_load(struct vmig_vm *vm, const struct vmig__acpi_pm_state *in)
 {
+	struct vmig__acpi_pm *pm = &vm->acpi_pm;
+
 	pthread_mutex_lock(&pm->lock);
 	pm->sts = in->sts;
 	pm->en = in->en;
 	pm->cnt = (uint16_t)((in->cnt | PM1_CNT_SCI_EN) & ~PM1_CNT_SLP_EN);
+	/*
+	 * A press the guest had not taken yet: hold the SCI high again.  The
+	 * irqchip's state came with the VM, but not who holds which line (as
+	 * for the UART); a fresh VM's line is low, so nothing to do otherwise.
+	 */
+	if (sci_pending(pm))
+		set_sci(vm, true);
 	pthread_mutex_unlock(&pm->lock);
+}
+
+/* ---- the power button, and vmig shutdown ---- */
+
+int vmig__acpi_power_button(struct vmig_vm *vm)
+{
+	struct vmig__acpi_pm *pm = &vm->acpi_pm;
+	bool sci;
+
+	pthread_mutex_lock(&pm->lock);
+	if (!(pm->en & PM1_EN_PWRBTN)) {
+		pthread_mutex_unlock(&pm->lock);
+		return -EAGAIN;
+	}
+	sci = sci_pending(pm);
+	pm->sts |= PM1_STS_PWRBTN;
+	if (!sci)
+		set_sci(vm, true);
+	pthread_mutex_unlock(&pm->lock);
+	return 0;
+}
+
+int vmig_vm_request_poweroff(struct vmig_vm *vm, struct vmig_err *err)
+{
+	int ret;
+
+	if (!vm->boot.kernel && !vm->kernel) {
+		ret = vmig_guest_request_shutdown(vm);
+		if (ret)
+			vmig_err_set(err, -EAGAIN, "the built-in guest has not set up its "
+				     "status page yet (it is still booting)");
+		return ret ? -EAGAIN : 0;
+	}
+	ret = vmig__acpi_power_button(vm);
+	if (ret)
+		vmig_err_set(err, ret, "the guest has not enabled its ACPI power button "
+			     "(a kernel still booting, booted with acpi=off, or without "
+			     "the ACPI button driver)");
+	return ret;
 }

@@ -551,7 +551,10 @@ static int optional(const struct vmig_state_section *s, size_t n, const char *na
 	return need(s, n, name, 0, size, out, err);
 }
 
-/* The UART (after the irqchip: it drives IRQ 4 to its saved level) and CMOS. */
+/*
+ * The UART (after the irqchip: it drives IRQ 4 to its saved level), CMOS
+ * and the ACPI PM1 registers (likewise for the SCI, IRQ 9).
+ */
 static int load_devices(struct vmig_vm *vm, const struct vmig_state_section *serial,
 			const struct vmig_state_section *s, size_t n, struct vmig_err *err)
 {
@@ -569,7 +572,7 @@ static int load_devices(struct vmig_vm *vm, const struct vmig_state_section *ser
 	if (cs)
 		vmig__cmos_load(&vm->cmos, cs->data);
 	if (ps)
-		vmig__acpi_pm_load(&vm->acpi_pm, ps->data);
+		vmig__acpi_pm_load(vm, ps->data);
 	return 0;
 }
 

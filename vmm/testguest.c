@@ -159,7 +159,7 @@ int vmig_guest_request_shutdown(const struct vmig_vm *vm)
 	volatile struct vmig_guest_status *st = status_page(vm);
 
 	/* Only the built-in guest reads this page: never write into a kernel's. */
-	if (!st || !vm->workload || st->magic != VMIG_GUEST_STATUS_MAGIC)
+	if (!st || vm->kernel || vm->boot.kernel || st->magic != VMIG_GUEST_STATUS_MAGIC)
 		return -EFAULT;
 	st->host_shutdown = 1;
 	return 0;

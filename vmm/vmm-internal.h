@@ -104,7 +104,13 @@ void vmig__acpi_pm_fini(struct vmig__acpi_pm *pm);
 bool vmig__acpi_pm_io(struct vmig_vm *vm, uint16_t port, bool is_write, uint8_t *data,
 		      unsigned int size);
 void vmig__acpi_pm_save(struct vmig__acpi_pm *pm, struct vmig__acpi_pm_state *out);
-void vmig__acpi_pm_load(struct vmig__acpi_pm *pm, const struct vmig__acpi_pm_state *in);
+/* Call after the irqchip is loaded: it raises the SCI again if pending. */
+void vmig__acpi_pm_load(struct vmig_vm *vm, const struct vmig__acpi_pm_state *in);
+/*
+ * Press the power button: PWRBTN_STS, and the SCI held high until the
+ * guest clears it.  -EAGAIN if the guest has not enabled the button.
+ */
+int vmig__acpi_power_button(struct vmig_vm *vm);
 
 /* A Linux guest's boot images, kept for its reboots and sent with its state. */
 struct vmig__boot {

@@ -287,4 +287,16 @@ int vmig_guest_set_iteration(const struct vmig_vm *vm, uint64_t iteration);
  */
 int vmig_guest_request_shutdown(const struct vmig_vm *vm);
 
+/*
+ * Ask the guest to power itself off (vmig shutdown, virsh shutdown): the
+ * built-in guest as vmig_guest_request_shutdown() does; a Linux guest by
+ * pressing its ACPI power button (vmm/acpi.c), after which what happens is
+ * the guest's choice (a distribution, or vmig's test guest, powers off; the
+ * VM then stops as on any ACPI power-off).  0 once asked; -EAGAIN, with the
+ * reason in @err, if the guest cannot be asked now: the built-in guest
+ * still booting, or a Linux guest that has not enabled its power button
+ * (still booting, booted with acpi=off, no button driver).  Owner thread.
+ */
+int vmig_vm_request_poweroff(struct vmig_vm *vm, struct vmig_err *err);
+
 #endif /* VMIG_VM_H */

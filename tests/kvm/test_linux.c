@@ -2,9 +2,10 @@
  * A real Linux guest in vmig: boot to user space, the serial console both
  * ways, a live migration while the guest's workload runs, then a reboot on
  * the destination (from the images that came with the state) and an ACPI
- * power-off; the firmware tables; a rejected instruction reported.  Each
- * boot takes 30 s to minutes on an emulating KVM, so the cases share
- * boots: three in all (vmlinux; bzImage, and its reboot after migrating).
+ * power-off; the firmware tables; a rejected instruction reported; vmig
+ * shutdown through the ACPI power button.  Each boot takes 30 s to minutes
+ * on an emulating KVM, so the cases share boots: three in all (vmlinux
+ * under vmig run, shut down; bzImage, and its reboot after migrating).
  *
  * The guest is the small test kernel and initramfs that
  * tests/guest/linux/build-kernel.sh builds from Debian's linux-source-6.1
@@ -26,8 +27,10 @@
 #include <math.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <linux/kvm.h>
 
 #include "vmig/migrate.h"
 #include "vmig/transport.h"
@@ -270,19 +273,129 @@ static void wait_stopped(struct vmig_vm *vm, struct console *con, const char *wh
 
 /* ---- cases ---- */
 
-START_TEST(boots_elf_vmlinux)
-{
-	struct console con;
-	struct vmig_vm *vm;
-	uint64_t t0 = kvm_test_now_ms();
-	double secs;
+/* ---- vmig run and vmig shutdown: the ACPI power button ---- */
 
+/* The vmig binary: $VMIG (make check-linux sets it), else the build's. */
+static const char *vmig_bin(void)
+{
+	static char path[4200];
+	const char *env = getenv("VMIG");
+	char self[4096];
+	ssize_t n;
+
+	if (env && *env)
+		return env;
+	n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+	ck_assert_int_gt(n, 0);
+	self[n] = 0;
+	*strrchr(self, '/') = 0;                    /* .../tests/kvm */
+	snprintf(path, sizeof(path), "%s/../../vmig", self);
+	ck_assert_msg(access(path, X_OK) == 0, "no vmig binary at %s: set VMIG", path);
+	return path;
+}
+
+/*
+ * vmig with @args, stdout and stderr into @out_fd, stdin /dev/null; killed
+ * if this test process dies first (a failed case leaves no VMM behind).
+ */
+static pid_t spawn_vmig(const char *const *args, int out_fd)
+{
+	const char *argv[32];
+	unsigned int i = 0;
+	pid_t pid;
+
+	argv[i++] = vmig_bin();
+	while (*args && i < 31)
+		argv[i++] = *args++;
+	argv[i] = NULL;
+	pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		int null_fd = open("/dev/null", O_RDONLY);
+
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		dup2(null_fd, 0);
+		dup2(out_fd, 1);
+		dup2(out_fd, 2);
+		execv(argv[0], (char *const *)argv);
+		_exit(127);
+	}
+	return pid;
+}
+
+/* vmig with @args to its end: its exit status, and its output in @out. */
+static int run_vmig(const char *const *args, char *out, size_t cap)
+{
+	int p[2], st;
+	size_t len = 0;
+	ssize_t n;
+	pid_t pid;
+
+	ck_assert_int_eq(pipe2(p, O_CLOEXEC), 0);
+	pid = spawn_vmig(args, p[1]);
+	close(p[1]);
+	while (len < cap - 1 && (n = read(p[0], out + len, cap - 1 - len)) != 0)
+		if (n > 0)
+			len += (size_t)n;
+		else if (errno != EINTR)
+			break;
+	out[len] = 0;
+	close(p[0]);
+	ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+	return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+/*
+ * The ELF vmlinux boots under vmig run (1 vCPU), and vmig shutdown ends
+ * it the way virsh shutdown would: the ACPI power button, which the
+ * kernel's button driver turns into KEY_POWER, which the test init answers
+ * by powering off (ACPI S5); the VMM exits 0 saying so.
+ */
+START_TEST(vmlinux_runs_and_shuts_down_on_request)
+{
+	char kernel[4200], initrd[4200], cmdline[2600], out[4096];
+	const char *name = "pbsd";
+	struct console con;
+	uint64_t t0 = kvm_test_now_ms();
+	int st, ret;
+	pid_t vmm;
+
+	snprintf(kernel, sizeof(kernel), "%s/vmlinux", kdir);
+	snprintf(initrd, sizeof(initrd), "%s/initramfs.cpio", kdir);
+	snprintf(cmdline, sizeof(cmdline), "%s vmig.wss=1", kcmdline);
+	setenv("VMIG_RUN_DIR", tmpdir, 1);
 	console_open(&con);
-	vm = boot_vm("vmlinux", 1, NULL, &con);
-	secs = wait_user_space(vm, &con, t0);
-	printf("linux: ELF vmlinux, 1 vCPU: first user-space line after %.1f s\n", secs);
+	vmm = spawn_vmig((const char *const[]){ "run", name, "--memory", "256M",
+						"--kernel", kernel, "--initrd", initrd,
+						"--cmdline", cmdline, NULL }, con.wfd);
+	ck_assert_msg(console_wait(&con, 0, "vmig-init: user space up",
+				   BOOT_TIMEOUT_S * 1000) != (size_t)-1,
+		      "no user space after %d s; console ends:\n%s", BOOT_TIMEOUT_S,
+		      console_tail(&con));
+	printf("linux: ELF vmlinux, 1 vCPU, under vmig run: first user-space line after "
+	       "%.1f s\n", (kvm_test_now_ms() - t0) / 1000.0);
 	fflush(stdout);
-	vmig_vm_destroy(vm);
+	/* The kernel took the fixed-feature button and init watches it. */
+	ck_assert_msg(console_wait(&con, 0, "vmig-init: input device /dev/input/event0: "
+				   "Power Button", 30000) != (size_t)-1,
+		      "no power button input device; console ends:\n%s", console_tail(&con));
+
+	t0 = kvm_test_now_ms();
+	ret = run_vmig((const char *const[]){ "shutdown", name, NULL }, out, sizeof(out));
+	ck_assert_msg(ret == 0, "vmig shutdown: exit %d: %s; console ends:\n%s", ret, out,
+		      console_tail(&con));
+	ck_assert_msg(strstr(out, "shut down"), "vmig shutdown said: %s", out);
+	ck_assert_int_eq(waitpid(vmm, &st, 0), vmm);
+	printf("linux: vmig shutdown returned after %.1f s\n", (kvm_test_now_ms() - t0) / 1000.0);
+	fflush(stdout);
+	ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the VMM ended with status 0x%x; "
+		      "console ends:\n%s", st, console_tail(&con));
+	ck_assert_msg(console_wait(&con, 0, "vmig-init: power button, powering off", 0) !=
+		      (size_t)-1, "the guest's init saw no power button; console ends:\n%s",
+		      console_tail(&con));
+	ck_assert_msg(console_wait(&con, 0, "the guest powered off (ACPI S5)", 0) != (size_t)-1,
+		      "the VMM did not report an ACPI power-off; console ends:\n%s",
+		      console_tail(&con));
 	console_close(&con);
 }
 END_TEST
@@ -412,6 +525,10 @@ START_TEST(acpi_tables_are_well_formed)
 	ck_assert_uint_eq(fadt[89], 2);
 	ck_assert_msg(rd32(fadt + 112) & (1u << 10), "FADT flags 0x%x: no reset register",
 		      rd32(fadt + 112));
+	/* The power button is a fixed feature (PWR_BUTTON clear); SCI on IRQ 9. */
+	ck_assert_msg(!(rd32(fadt + 112) & (1u << 4)), "FADT flags 0x%x: no fixed power "
+		      "button", rd32(fadt + 112));
+	ck_assert_uint_eq(fadt[46] | fadt[47] << 8, 9);
 	ck_assert_uint_eq(fadt[116], 1);
 	ck_assert_uint_eq(rd64(fadt + 120), 0xcf9);
 	ck_assert_uint_eq(fadt[128], 6);
@@ -655,6 +772,90 @@ START_TEST(boot_images_travel_with_the_state)
 		free((void *)sv->sec[i].name);
 		free((void *)sv->sec[i].data);
 	}
+	free(sv);
+}
+END_TEST
+
+/*
+ * The power button without booting: refused until the guest enables it
+ * (PWRBTN_EN, which the state carries; here set in the state as a guest
+ * would), then pressed: PWRBTN_STS set and the SCI raised (IOAPIC pin 9,
+ * still masked, holds it), and both go with the state to the next VM.
+ * The built-in guest, still booting, is refused too.
+ */
+START_TEST(power_button_state_travels)
+{
+	char kernel[4200];
+	struct vmig_vm_config cfg = {
+		.name = "lxpb", .mem_size = 64ull << 20, .nr_vcpus = 1, .console_fd = -1,
+		.kernel = kernel, .cmdline = "console=ttyS0",
+	};
+	struct vmig_err err = { 0 };
+	struct vmig_vm *vm = NULL, *dst, *dst2;
+	struct saved *sv = calloc(3, sizeof(*sv));
+	struct vmig_state_section *pm;
+	const struct kvm_ioapic_state *io;
+	uint16_t regs[4];
+	size_t i, k;
+
+	ck_assert_ptr_nonnull(sv);
+	snprintf(kernel, sizeof(kernel), "%s/bzImage", kdir);
+	ck_assert_msg(vmig_vm_create(&cfg, &vm, &err) == 0, "create: %s", err.msg);
+	ck_assert_int_eq(vmig_vm_request_poweroff(vm, &err), -EAGAIN);
+	ck_assert_msg(strstr(err.msg, "not enabled its ACPI power button"), "message: %s",
+		      err.msg);
+	ck_assert_msg(vmig_vm_state_save(vm, save_section, &sv[0], &err) == 0, "save: %s",
+		      err.msg);
+	vmig_vm_destroy(vm);
+
+	/* As if the guest's button driver had set PWRBTN_EN. */
+	pm = saved_find(&sv[0], "acpi.pm", 0);
+	ck_assert_uint_eq(pm->len, sizeof(regs));
+	memcpy(regs, pm->data, sizeof(regs));
+	ck_assert_uint_eq(regs[0] & 0x100, 0);
+	io = saved_find(&sv[0], "irqchip.ioapic", 0)->data;
+	ck_assert_msg(!(io->irr & (1u << 9)), "IOAPIC IRR 0x%x before any press", io->irr);
+	regs[1] |= 0x100;
+	memcpy((void *)pm->data, regs, sizeof(regs));
+	dst = load_into_new(&sv[0], &err);
+	ck_assert_msg(dst, "load: %s", err.msg);
+	err = (struct vmig_err){ 0 };
+	ck_assert_msg(vmig_vm_request_poweroff(dst, &err) == 0, "press: %s", err.msg);
+	ck_assert_msg(vmig_vm_state_save(dst, save_section, &sv[1], &err) == 0, "save: %s",
+		      err.msg);
+	vmig_vm_destroy(dst);
+	memcpy(regs, saved_find(&sv[1], "acpi.pm", 0)->data, sizeof(regs));
+	ck_assert_msg((regs[0] & 0x100) && (regs[1] & 0x100), "after the press PM1_STS is "
+		      "0x%04x, PM1_EN 0x%04x", regs[0], regs[1]);
+	io = saved_find(&sv[1], "irqchip.ioapic", 0)->data;
+	ck_assert_msg(io->irr & (1u << 9), "the SCI is not raised: IOAPIC IRR 0x%x", io->irr);
+
+	/* The next VM has the press pending too. */
+	dst2 = load_into_new(&sv[1], &err);
+	ck_assert_msg(dst2, "load: %s", err.msg);
+	ck_assert_msg(vmig_vm_state_save(dst2, save_section, &sv[2], &err) == 0, "save: %s",
+		      err.msg);
+	vmig_vm_destroy(dst2);
+	memcpy(regs, saved_find(&sv[2], "acpi.pm", 0)->data, sizeof(regs));
+	ck_assert_msg(regs[0] & 0x100, "the press was lost on the way: PM1_STS 0x%04x",
+		      regs[0]);
+	io = saved_find(&sv[2], "irqchip.ioapic", 0)->data;
+	ck_assert_msg(io->irr & (1u << 9), "the SCI was lost on the way: IOAPIC IRR 0x%x",
+		      io->irr);
+
+	/* The built-in guest, not started: it cannot be asked yet. */
+	cfg.kernel = NULL;
+	cfg.cmdline = NULL;
+	ck_assert_msg(vmig_vm_create(&cfg, &vm, &err) == 0, "create: %s", err.msg);
+	ck_assert_int_eq(vmig_vm_request_poweroff(vm, &err), -EAGAIN);
+	ck_assert_msg(strstr(err.msg, "built-in guest"), "message: %s", err.msg);
+	vmig_vm_destroy(vm);
+
+	for (k = 0; k < 3; k++)
+		for (i = 0; i < sv[k].n; i++) {
+			free((void *)sv[k].sec[i].name);
+			free((void *)sv[k].sec[i].data);
+		}
 	free(sv);
 }
 END_TEST
@@ -934,6 +1135,7 @@ int main(void)
 {
 	Suite *s = suite_create("linux");
 	TCase *tc = tcase_create("linux");
+	TCase *pb = tcase_create("power-button");
 
 	kvm_test_require_kvm();
 	find_kernel();
@@ -943,8 +1145,13 @@ int main(void)
 	ADD_TEST(tc, acpi_tables_are_well_formed);
 	ADD_TEST(tc, rejected_instruction_is_reported);
 	ADD_TEST(tc, boot_images_travel_with_the_state);
-	ADD_TEST(tc, boots_elf_vmlinux);
+	ADD_TEST(tc, power_button_state_travels);
 	ADD_TEST(tc, migrates_while_the_workload_runs);
 	suite_add_tcase(s, tc);
+	/* One boot, under vmig run, ended by vmig shutdown. */
+	tcase_add_checked_fixture(pb, setup, teardown);
+	tcase_set_timeout(pb, BOOT_TIMEOUT_S + 120);
+	ADD_TEST(pb, vmlinux_runs_and_shuts_down_on_request);
+	suite_add_tcase(s, pb);
 	return kvm_test_run(s);
 }

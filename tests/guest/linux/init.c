@@ -13,6 +13,14 @@
  * made, so the host can compare it with its own clock; dirty counts the
  * page writes so far.
  *
+ * It also answers the ACPI power button (vmig shutdown) as a distribution's
+ * logind does: the kernel's button driver reports a press as KEY_POWER on
+ * an input device, and a child of init that reads the event devices prints
+ *
+ *   vmig-init: power button, powering off
+ *
+ * syncs and powers the machine off (ACPI S5).
+ *
  * Options, read from /proc/cmdline: vmig.wss=MiB, the working set (default
  * 8); vmig.spin=1 to dirty it over and over for the whole second instead
  * of once per second.  Ring-3 code runs natively even where guest ring 0
@@ -22,6 +30,8 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/input.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -34,6 +44,7 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -159,6 +170,73 @@ set:
 	}
 }
 
+/*
+ * Wait for KEY_POWER on the event devices (evdev, char 13:64+N; no devtmpfs
+ * here, so the nodes are made) and power off.  The button driver registers
+ * its input device before init runs.  A child of init, so the heartbeat
+ * loop stays as it is.
+ */
+static void power_button_watcher(void)
+{
+	struct pollfd pfd[8];
+	char path[32], name[64];
+	unsigned int n = 0, i;
+	struct input_event ev[16];
+
+	mkdir("/dev/input", 0755);
+	for (i = 0; i < 8; i++) {
+		int fd;
+
+		snprintf(path, sizeof(path), "/dev/input/event%u", i);
+		if (mknod(path, S_IFCHR | 0600, makedev(13, 64 + i)) < 0 && errno != EEXIST)
+			continue;
+		fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0) {
+			unlink(path);             /* no such device */
+			continue;
+		}
+		if (ioctl(fd, EVIOCGNAME(sizeof(name)), name) < 0)
+			snprintf(name, sizeof(name), "?");
+		say("vmig-init: input device %s: %s\n", path, name);
+		pfd[n++] = (struct pollfd){ .fd = fd, .events = POLLIN };
+	}
+	if (!n) {
+		say("vmig-init: no input devices: the power button is not watched\n");
+		return;
+	}
+	if (fork() != 0) {
+		for (i = 0; i < n; i++)
+			close(pfd[i].fd);
+		return;
+	}
+	for (;;) {
+		if (poll(pfd, n, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			_exit(1);
+		}
+		for (i = 0; i < n; i++) {
+			ssize_t got;
+			size_t k;
+
+			if (!(pfd[i].revents & POLLIN))
+				continue;
+			got = read(pfd[i].fd, ev, sizeof(ev));
+			if (got < 0 && errno != EINTR && errno != EAGAIN)
+				_exit(1);
+			for (k = 0; got > 0 && k < (size_t)got / sizeof(ev[0]); k++) {
+				if (ev[k].type != EV_KEY || ev[k].code != KEY_POWER ||
+				    ev[k].value != 1)
+					continue;
+				say("vmig-init: power button, powering off\n");
+				sync();
+				reboot(RB_POWER_OFF);
+				say("vmig-init: power-off failed: %s\n", strerror(errno));
+			}
+		}
+	}
+}
+
 int main(void)
 {
 	struct timespec now, next, up;
@@ -194,6 +272,7 @@ int main(void)
 	}
 	signal(SIGCHLD, SIG_DFL);
 	settime_server();
+	power_button_watcher();
 	shell = start_shell();
 
 	clock_gettime(CLOCK_MONOTONIC, &next);
@@ -225,8 +304,7 @@ int main(void)
 			if (pid <= 0)
 				break;
 			if (pid == shell)
-				settime_server();
-	shell = start_shell();
+				shell = start_shell();
 		}
 	}
 }

@@ -159,12 +159,15 @@ static void *dst_channel_thread(void *arg)
 	char msg[512];
 	int ret, e;
 
-	for (;;) {
+	ret = vmig_stream_reader_set_memory(ch->r, regions, nr);
+	if (ret)
+		vmig_err_set(&ch->err, ret, "out of memory");
+	while (!ret) {
 		ret = vmig_stream_read_record(ch->r, &rec, &ch->err);
 		if (ret)
 			break;
 		if (rec.type == VMIG_REC_PAGES) {
-			ret = vmig_stream_pages_apply_regions(&rec, regions, nr, &ch->err);
+			/* Applied by the reader. */
 		} else if (rec.type == VMIG_REC_ITER_END) {
 			ret = vmig_stream_parse_iter_end(&rec, &iter, &pages, &ch->err);
 			if (ret)
@@ -594,6 +597,11 @@ static int receive(struct dst *d, const struct vmig_dst_params *p)
 	char msg[512];
 	int ret, e;
 
+	ret = vmig_stream_reader_set_memory(d->r, regions, nr);
+	if (ret) {
+		vmig_err_set(d->err, ret, "out of memory");
+		return ret;
+	}
 	for (;;) {
 		if (p->check_abort) {
 			ret = p->check_abort(p->check_arg, d->err);
@@ -605,8 +613,7 @@ static int receive(struct dst *d, const struct vmig_dst_params *p)
 			return ret;
 		switch (rec.type) {
 		case VMIG_REC_PAGES:
-			ret = vmig_stream_pages_apply_regions(&rec, regions, nr, d->err);
-			break;
+			break;        /* applied by the reader */
 		case VMIG_REC_ITER_END:
 			ret = vmig_stream_parse_iter_end(&rec, &iter, &pages, d->err);
 			if (!ret)

@@ -1065,6 +1065,14 @@ struct vmig_stream_reader {
 	int error;                /* final error, once failed */
 	struct vmig_err first;    /* its message, repeated on later calls */
 	struct vmig_stream_stats stats;
+
+	/* vmig_stream_reader_set_memory(): PAGES are applied as they are read. */
+	const struct vmig_mem_region *mem;
+	unsigned int nr_mem;
+	struct iovec *iov;        /* MAX_BATCH: where the payloads go */
+	uint8_t **dsts;           /* MAX_BATCH: each page's destination */
+	uint8_t *lz4buf;          /* MAX_BATCH * PAGE_SIZE: LZ4 payloads */
+	uint8_t *head;            /* the record's count and descriptors */
 };
 
 size_t vmig_stream_reader_buffered(const struct vmig_stream_reader *r)
@@ -1099,7 +1107,27 @@ void vmig_stream_reader_destroy(struct vmig_stream_reader *r)
 	if (!r)
 		return;
 	free(r->buf);
+	free(r->iov);
+	free(r->dsts);
+	free(r->lz4buf);
+	free(r->head);
 	free(r);
+}
+
+int vmig_stream_reader_set_memory(struct vmig_stream_reader *r,
+				  const struct vmig_mem_region *regions, unsigned int n)
+{
+	if (!r->iov) {
+		r->iov = calloc(VMIG_STREAM_MAX_BATCH, sizeof(*r->iov));
+		r->dsts = calloc(VMIG_STREAM_MAX_BATCH, sizeof(*r->dsts));
+		r->lz4buf = malloc((size_t)VMIG_STREAM_MAX_BATCH * VMIG_STREAM_PAGE_SIZE);
+		r->head = malloc(8 + (size_t)VMIG_STREAM_MAX_BATCH * VMIG_STREAM_PAGE_DESC);
+		if (!r->iov || !r->dsts || !r->lz4buf || !r->head)
+			return -ENOMEM;
+	}
+	r->mem = regions;
+	r->nr_mem = n;
+	return 0;
 }
 
 /* Make the reader's failure final and copy its message to the caller. */
@@ -1265,6 +1293,9 @@ not_vmig:
 	}
 }
 
+static int read_pages_direct(struct vmig_stream_reader *r, struct vmig_record *cur,
+			     struct vmig_err *err);
+
 int vmig_stream_read_record(struct vmig_stream_reader *r, struct vmig_record *rec,
 			    struct vmig_err *err)
 {
@@ -1321,6 +1352,16 @@ int vmig_stream_read_record(struct vmig_stream_reader *r, struct vmig_record *re
 					   (unsigned long long)r->offset,
 					   (unsigned long long)len, VMIG_STREAM_MAX_RECORD);
 		total = VMIG_STREAM_REC_HEADER + len + pad8(len) + VMIG_STREAM_REC_TRAILER;
+
+		if (r->mem && type == VMIG_REC_PAGES && flags == 0 &&
+		    r->dir == VMIG_STREAM_FORWARD && len <= VMIG_STREAM_MAX_PAGES_BODY) {
+			ret = read_pages_direct(r, &cur, err);
+			if (ret == 0)
+				*rec = cur;
+			if (ret <= 0)
+				return ret;
+			/* Not one for the direct path: read it whole. */
+		}
 
 		ret = fill(r, total);
 		if (ret == -EPIPE)
@@ -1399,6 +1440,15 @@ int vmig_stream_read_record(struct vmig_stream_reader *r, struct vmig_record *re
 			r->error = ret;
 			vmig_err_set(err, ret, "%s", r->first.msg);
 			return ret;
+		}
+		if (type == VMIG_REC_PAGES && r->mem) {
+			ret = vmig_stream_pages_apply_regions(&cur, r->mem, r->nr_mem, &r->first);
+			if (ret < 0) {
+				r->error = ret;
+				vmig_err_set(err, ret, "%s", r->first.msg);
+				return ret;
+			}
+			cur.body = NULL;
 		}
 		if (type == VMIG_REC_PAGES) {
 			r->stats.pages_zero += pc.zero;
@@ -1701,4 +1751,240 @@ int vmig_stream_pages_apply_regions(const struct vmig_record *rec,
 	struct region_lookup l = { .regions = regions, .n = n, .last = n };
 
 	return vmig_stream_pages_apply(rec, region_dst, &l, err);
+}
+
+/* ------------------------------------------------------------------------
+ * Direct placement of PAGES (vmig_stream_reader_set_memory)
+ *
+ * The record's header and descriptor table are read into the buffer and
+ * checked; then every RAW payload is read by the transport straight into
+ * its guest page, and LZ4 payloads into lz4buf, a chunk at a time, each
+ * chunk checksummed while it is still in the cache.  So a page costs one
+ * copy (the kernel's) instead of two, and no pass over a 4 MiB buffer that
+ * no longer fits in it.  The checksum covers the whole record as always,
+ * but is known only at its end: a corrupt payload has been written to its
+ * page by then (never outside guest memory: every destination is checked
+ * before the first payload byte is read), and the error that follows makes
+ * the caller discard the VM.  LZ4 and ZERO pages are written only after
+ * the checksum matched.
+ */
+#define DIRECT_CHUNK (256u << 10)
+
+/* The record is not one this path takes: read it whole instead. */
+#define NOT_DIRECT 1
+
+/* Bytes for the payloads: what the buffer holds first, then the transport. */
+static int direct_in(struct vmig_stream_reader *r, const struct iovec *iov, int n,
+		     size_t bytes, const struct vmig_record *cur, uint32_t *crc,
+		     struct vmig_err *err)
+{
+	char ts[32];
+	int ret;
+
+	if (r->start < r->end) {
+		/* Read-ahead already in the buffer (always less than a chunk). */
+		size_t at = r->start;
+
+		for (int i = 0; i < n; i++) {
+			memcpy(iov[i].iov_base, r->buf + at, iov[i].iov_len);
+			at += iov[i].iov_len;
+		}
+		r->start = at;
+		if (r->start == r->end)
+			r->start = r->end = 0;
+	} else {
+		ret = vmig_transport_readv_full(r->t, iov, n);
+		if (ret == -EPIPE)
+			return reader_fail(r, err, -EPIPE,
+					   "the stream is truncated inside the %s record at offset %llu (its %llu-byte body did not all come)",
+					   type_str(cur->type, ts, sizeof(ts)),
+					   (unsigned long long)cur->offset,
+					   (unsigned long long)cur->len);
+		if (ret < 0)
+			return read_error(r, err, ret, "page data");
+	}
+	for (int i = 0; i < n; i++)
+		*crc = vmig_crc32c(*crc, iov[i].iov_base, iov[i].iov_len);
+	r->offset += bytes;
+	r->stats.bytes += bytes;
+	return 0;
+}
+
+static int read_pages_direct(struct vmig_stream_reader *r, struct vmig_record *cur,
+			     struct vmig_err *err)
+{
+	struct region_lookup l = { .regions = r->mem, .n = r->nr_mem, .last = r->nr_mem };
+	struct iovec part[64];
+	const uint8_t *b;
+	uint64_t len = cur->len, head, sum = 0, done;
+	uint32_t count, i, crc, stored;
+	struct page_counts pc = { 0 };
+	size_t lz4_len = 0, pad, k, np, have;
+	int n = 0, ret;
+	char ts[32];
+
+	ret = fill(r, VMIG_STREAM_REC_HEADER + 8);
+	if (ret)
+		return ret == -EPIPE ? NOT_DIRECT : read_error(r, err, ret, "a record");
+	b = r->buf + r->start + VMIG_STREAM_REC_HEADER;
+	count = get_le32(b);
+	if (count == 0 || count > VMIG_STREAM_MAX_BATCH || get_le32(b + 4))
+		return NOT_DIRECT;
+	head = 8 + (uint64_t)count * VMIG_STREAM_PAGE_DESC;
+	if (head > len)
+		return NOT_DIRECT;
+	ret = fill(r, VMIG_STREAM_REC_HEADER + head);
+	if (ret)
+		return ret == -EPIPE ? NOT_DIRECT : read_error(r, err, ret, "a record");
+	b = r->buf + r->start + VMIG_STREAM_REC_HEADER;
+
+	/* Every descriptor and destination before a byte of payload. */
+	for (i = 0; i < count; i++) {
+		const uint8_t *d = b + 8 + (size_t)i * VMIG_STREAM_PAGE_DESC;
+		uint64_t word = get_le64(d);
+		uint32_t enc = (uint32_t)(word & PAGE_ENC_MASK), plen = get_le32(d + 8);
+		void *dst;
+
+		if (get_le32(d + 12) ||
+		    !(enc == VMIG_PAGE_ZERO ? plen == 0 :
+		      enc == VMIG_PAGE_RAW ? plen == VMIG_STREAM_PAGE_SIZE :
+		      enc == VMIG_PAGE_LZ4 && plen > 0 && plen < VMIG_STREAM_PAGE_SIZE))
+			return NOT_DIRECT;
+		if (region_dst(&l, word & ~(uint64_t)PAGE_ENC_MASK, &dst))
+			return NOT_DIRECT;
+		/* In ascending order, so no page twice: order cannot matter. */
+		if (i && (uint8_t *)dst <= r->dsts[i - 1])
+			return NOT_DIRECT;
+		r->dsts[i] = dst;
+		sum += plen;
+		if (plen == 0) {
+			pc.zero++;
+			continue;
+		}
+		if (enc == VMIG_PAGE_RAW) {
+			pc.raw++;
+			dst = r->dsts[i];
+		} else {
+			pc.lz4++;
+			dst = r->lz4buf + lz4_len;
+			lz4_len += plen;
+		}
+		if (n && (uint8_t *)r->iov[n - 1].iov_base + r->iov[n - 1].iov_len == dst)
+			r->iov[n - 1].iov_len += plen;
+		else
+			r->iov[n++] = (struct iovec){ dst, plen };
+	}
+	if (sum != len - head)
+		return NOT_DIRECT;
+
+	/* Header and descriptors are checked: keep them, consume them. */
+	memcpy(r->head, b, head);
+	b = r->head;
+	crc = vmig_crc32c(0, r->buf + r->start, VMIG_STREAM_REC_HEADER + head);
+	r->start += VMIG_STREAM_REC_HEADER + head;
+	r->offset += VMIG_STREAM_REC_HEADER + head;
+	r->stats.bytes += VMIG_STREAM_REC_HEADER + head;
+	if (r->start == r->end)
+		r->start = r->end = 0;
+
+	/*
+	 * The payloads, a chunk of at most DIRECT_CHUNK bytes (or what is
+	 * buffered) at a time: @k is the iovec and @done the bytes of it
+	 * already filled.
+	 */
+	for (k = 0, done = 0; k < (size_t)n;) {
+		size_t room = r->end - r->start, bytes = 0;
+
+		if (room == 0)
+			room = DIRECT_CHUNK;
+		for (np = 0; k < (size_t)n && np < 64 && bytes < room; np++) {
+			size_t take = r->iov[k].iov_len - done;
+
+			if (take > room - bytes)
+				take = room - bytes;
+			part[np] = (struct iovec){ (uint8_t *)r->iov[k].iov_base + done, take };
+			bytes += take;
+			done += take;
+			if (done == r->iov[k].iov_len) {
+				k++;
+				done = 0;
+			}
+		}
+		ret = direct_in(r, part, (int)np, bytes, cur, &crc, err);
+		if (ret)
+			return ret;
+	}
+
+	/* Padding and trailer. */
+	pad = pad8(len);
+	ret = fill(r, pad + VMIG_STREAM_REC_TRAILER);
+	if (ret == -EPIPE)
+		return reader_fail(r, err, -EPIPE,
+				   "the stream is truncated inside the %s record at offset %llu (its trailer did not come)",
+				   type_str(cur->type, ts, sizeof(ts)),
+				   (unsigned long long)cur->offset);
+	if (ret)
+		return read_error(r, err, ret, "a record trailer");
+	have = r->start;
+	crc = vmig_crc32c(crc, r->buf + have, pad);
+	stored = get_le32(r->buf + have + pad);
+	if (crc != stored)
+		return reader_fail(r, err, -EBADMSG,
+				   "checksum mismatch in the %s record at stream offset %llu (%llu-byte body): stored 0x%08x, computed 0x%08x (the stream is corrupted)",
+				   type_str(cur->type, ts, sizeof(ts)),
+				   (unsigned long long)cur->offset, (unsigned long long)len,
+				   stored, crc);
+	if (get_le32(r->buf + have + pad + 4) != 0)
+		return reader_fail(r, err, -EPROTO,
+				   "%s record at stream offset %llu: trailer word after the checksum is 0x%x (expected 0)",
+				   type_str(cur->type, ts, sizeof(ts)),
+				   (unsigned long long)cur->offset, get_le32(r->buf + have + pad + 4));
+	for (i = 0; i < pad; i++)
+		if (r->buf[have + i])
+			return reader_fail(r, err, -EPROTO,
+					   "%s record at stream offset %llu: padding byte %u is 0x%02x (expected 0)",
+					   type_str(cur->type, ts, sizeof(ts)),
+					   (unsigned long long)cur->offset, i, r->buf[have + i]);
+	r->consume = pad + VMIG_STREAM_REC_TRAILER;
+
+	/* Verified: the pages that are not raw. */
+	lz4_len = 0;
+	for (i = 0; i < count && (pc.zero || pc.lz4); i++) {
+		const uint8_t *d = b + 8 + (size_t)i * VMIG_STREAM_PAGE_DESC;
+		uint64_t word = get_le64(d);
+		uint32_t plen = get_le32(d + 8);
+		int got;
+
+		switch (word & PAGE_ENC_MASK) {
+		case VMIG_PAGE_ZERO:
+			memset(r->dsts[i], 0, VMIG_STREAM_PAGE_SIZE);
+			break;
+		case VMIG_PAGE_LZ4:
+			got = LZ4_decompress_safe((const char *)r->lz4buf + lz4_len,
+						  (char *)r->dsts[i], (int)plen,
+						  VMIG_STREAM_PAGE_SIZE);
+			lz4_len += plen;
+			if (got < 0)
+				return reader_fail(r, err, -EPROTO,
+						   "PAGES record at stream offset %llu: page %u of %u at gpa 0x%llx: its %u-byte LZ4 payload is corrupt",
+						   (unsigned long long)cur->offset, i, count,
+						   (unsigned long long)(word & ~(uint64_t)PAGE_ENC_MASK),
+						   plen);
+			if (got != (int)VMIG_STREAM_PAGE_SIZE)
+				return reader_fail(r, err, -EPROTO,
+						   "PAGES record at stream offset %llu: page %u of %u at gpa 0x%llx: its LZ4 payload decodes to %d bytes (expected 4096)",
+						   (unsigned long long)cur->offset, i, count,
+						   (unsigned long long)(word & ~(uint64_t)PAGE_ENC_MASK),
+						   got);
+			break;
+		default:
+			break;
+		}
+	}
+	r->stats.pages_zero += pc.zero;
+	r->stats.pages_raw += pc.raw;
+	r->stats.pages_lz4 += pc.lz4;
+	r->stats.records++;
+	cur->body = NULL;
+	return 0;
 }

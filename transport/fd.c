@@ -62,9 +62,13 @@ static struct fd_transport *to_fd(struct vmig_transport *t)
  * I/O
  */
 
-static ssize_t fd_read(struct vmig_transport *t, void *buf, size_t len)
+static ssize_t fd_readv(struct vmig_transport *t, const struct iovec *iov, int iovcnt)
 {
 	struct fd_transport *f = to_fd(t);
+	struct msghdr mh = {
+		.msg_iov = (struct iovec *)iov,
+		.msg_iovlen = (size_t)iovcnt,
+	};
 
 	for (;;) {
 		ssize_t n;
@@ -82,10 +86,9 @@ static ssize_t fd_read(struct vmig_transport *t, void *buf, size_t len)
 				goto fail;
 		}
 		if (f->rsock)
-			n = recv(f->rfd, buf, len,
-				 t->timeout_ms >= 0 ? MSG_DONTWAIT : 0);
+			n = recvmsg(f->rfd, &mh, t->timeout_ms >= 0 ? MSG_DONTWAIT : 0);
 		else
-			n = read(f->rfd, buf, len);
+			n = readv(f->rfd, iov, iovcnt);
 		if (n >= 0)
 			return n;
 		ret = -errno;
@@ -105,6 +108,13 @@ fail:
 				     vmig__transport_hint(ret));
 		return ret;
 	}
+}
+
+static ssize_t fd_read(struct vmig_transport *t, void *buf, size_t len)
+{
+	struct iovec iov = { buf, len };
+
+	return fd_readv(t, &iov, 1);
 }
 
 /* write() to a pipe without letting SIGPIPE kill the process. */
@@ -294,6 +304,7 @@ static void fd_close(struct vmig_transport *t)
 static const struct vmig_transport_ops fd_ops = {
 	.kind = "fd",
 	.read = fd_read,
+	.readv = fd_readv,
 	.write = fd_write,
 	.writev = fd_writev,
 	.shutdown_write = fd_shutdown_write,
@@ -305,6 +316,7 @@ static const struct vmig_transport_ops fd_ops = {
 static const struct vmig_transport_ops tcp_ops = {
 	.kind = "tcp",
 	.read = fd_read,
+	.readv = fd_readv,
 	.write = fd_write,
 	.writev = fd_writev,
 	.shutdown_write = fd_shutdown_write,
@@ -316,6 +328,7 @@ static const struct vmig_transport_ops tcp_ops = {
 static const struct vmig_transport_ops unix_ops = {
 	.kind = "unix",
 	.read = fd_read,
+	.readv = fd_readv,
 	.write = fd_write,
 	.writev = fd_writev,
 	.shutdown_write = fd_shutdown_write,

@@ -30,12 +30,12 @@ static struct file_transport *to_file(struct vmig_transport *t)
 	return (struct file_transport *)t;
 }
 
-static ssize_t file_read(struct vmig_transport *t, void *buf, size_t len)
+static ssize_t file_readv(struct vmig_transport *t, const struct iovec *iov, int iovcnt)
 {
 	struct file_transport *f = to_file(t);
 
 	for (;;) {
-		ssize_t n = read(f->fd, buf, len);
+		ssize_t n = readv(f->fd, iov, iovcnt);
 		int ret;
 
 		if (n >= 0)
@@ -47,6 +47,13 @@ static ssize_t file_read(struct vmig_transport *t, void *buf, size_t len)
 				     (unsigned long long)t->bytes_read, strerror(-ret));
 		return ret;
 	}
+}
+
+static ssize_t file_read(struct vmig_transport *t, void *buf, size_t len)
+{
+	struct iovec iov = { buf, len };
+
+	return file_readv(t, &iov, 1);
 }
 
 static void write_error(struct vmig_transport *t, int ret, const char *what)
@@ -161,6 +168,7 @@ static void file_close(struct vmig_transport *t)
 static const struct vmig_transport_ops file_ops = {
 	.kind = "file",
 	.read = file_read,
+	.readv = file_readv,
 	.write = file_write,
 	.writev = file_writev,
 	.shutdown_write = file_shutdown_write,

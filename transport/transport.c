@@ -368,6 +368,53 @@ int vmig_transport_read_full(struct vmig_transport *t, void *buf, size_t len)
 	return 0;
 }
 
+#define IOV_BATCH 64
+
+int vmig_transport_readv_full(struct vmig_transport *t, const struct iovec *iov,
+			      int iovcnt)
+{
+	struct iovec local[IOV_BATCH];
+
+	if (!t->ops->readv) {
+		for (int i = 0; i < iovcnt; i++) {
+			int ret = vmig_transport_read_full(t, iov[i].iov_base, iov[i].iov_len);
+
+			if (ret < 0)
+				return ret;
+		}
+		return 0;
+	}
+	/* As vmig_transport_writev_full(): a copy, in batches. */
+	while (iovcnt > 0) {
+		int cnt = 0;
+
+		while (cnt < IOV_BATCH && iovcnt > 0) {
+			if (iov->iov_len)
+				local[cnt++] = *iov;
+			iov++;
+			iovcnt--;
+		}
+		for (int i = 0; i < cnt;) {
+			ssize_t n = t->ops->readv(t, local + i, cnt - i);
+
+			if (n < 0)
+				return (int)n;
+			if (n == 0)
+				return -EPIPE;
+			t->bytes_read += (uint64_t)n;
+			while (i < cnt && (size_t)n >= local[i].iov_len) {
+				n -= (ssize_t)local[i].iov_len;
+				i++;
+			}
+			if (i < cnt) {
+				local[i].iov_base = (char *)local[i].iov_base + n;
+				local[i].iov_len -= (size_t)n;
+			}
+		}
+	}
+	return 0;
+}
+
 int vmig_transport_write_full(struct vmig_transport *t, const void *buf,
 			      size_t len)
 {
@@ -388,8 +435,6 @@ int vmig_transport_write_full(struct vmig_transport *t, const void *buf,
 	}
 	return 0;
 }
-
-#define IOV_BATCH 64
 
 int vmig_transport_writev_full(struct vmig_transport *t,
 			       const struct iovec *iov, int iovcnt)

@@ -273,6 +273,19 @@ int vmig_stream_read_record(struct vmig_stream_reader *r, struct vmig_record *re
 			    struct vmig_err *err);
 
 /*
+ * From now on apply PAGES records to guest memory (@n regions, which must
+ * stay mapped while the reader reads) as they are read, and return them
+ * with a NULL @body (their @len as sent).  RAW payloads go from the
+ * transport straight into their pages, so a page is copied once; see
+ * vmig_stream_pages_apply_regions() for the checks (a bad address writes
+ * nothing).  One difference: the record's checksum can only be verified
+ * at its end, so on -EBADMSG raw pages of that record may hold what came;
+ * the caller discards the VM on any error.  0 or -ENOMEM.
+ */
+int vmig_stream_reader_set_memory(struct vmig_stream_reader *r,
+				  const struct vmig_mem_region *regions, unsigned int n);
+
+/*
  * After END: 0 if the stream ends there, -EPROTO if more bytes follow.
  * Blocks until the peer closes (or the transport's timeout).
  */

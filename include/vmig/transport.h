@@ -95,6 +95,9 @@ struct vmig_transport_ops {
 	const char *kind;        /* "tcp", "unix", "fd", "file", "ssh" */
 	/* Read 1..@len bytes; 0 at end of stream; honours t->timeout_ms. */
 	ssize_t (*read)(struct vmig_transport *t, void *buf, size_t len);
+	/* Optional: read into an iovec array, as read() (else read() per buffer). */
+	ssize_t (*readv)(struct vmig_transport *t, const struct iovec *iov,
+			 int iovcnt);
 	/* Write 1..@len bytes; never raises SIGPIPE; honours t->timeout_ms. */
 	ssize_t (*write)(struct vmig_transport *t, const void *buf, size_t len);
 	/* Optional: write part of an iovec array (else write() is looped). */
@@ -205,6 +208,13 @@ ssize_t vmig_transport_read(struct vmig_transport *t, void *buf, size_t len);
  * before @len bytes; -ETIMEDOUT; or another -errno.
  */
 int vmig_transport_read_full(struct vmig_transport *t, void *buf, size_t len);
+/*
+ * Fill the @iovcnt buffers of @iov in order (the array is not modified),
+ * with as few system calls as the backend allows.  Returns as
+ * vmig_transport_read_full().
+ */
+int vmig_transport_readv_full(struct vmig_transport *t, const struct iovec *iov,
+			      int iovcnt);
 
 /*
  * Write all of @len bytes / of the @iovcnt buffers of @iov (the array is

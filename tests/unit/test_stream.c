@@ -67,6 +67,13 @@ static void fill_compressible(void *p, uint64_t stamp)
 	}
 }
 
+/*
+ * Read as the destination does (vmig_stream_reader_set_memory: PAGES
+ * applied by the reader, raw payloads read straight into guest memory)
+ * rather than with vmig_stream_pages_apply.  The loop tests run both ways.
+ */
+static bool direct;
+
 #define assert_err_has(e, s) \
 	ck_assert_msg(strstr((e)->msg, (s)), "message \"%s\" lacks \"%s\"", (e)->msg, (s))
 
@@ -253,6 +260,8 @@ static int decode_all(const void *data, size_t len, size_t chunk, struct guest *
 	for (unsigned int i = 0; i < ng; i++)
 		regions[i] = g[i].region;
 	ck_assert_int_eq(vmig_stream_reader_create(&m->base, VMIG_STREAM_FORWARD, &r), 0);
+	if (direct)
+		ck_assert_int_eq(vmig_stream_reader_set_memory(r, regions, ng), 0);
 	ret = vmig_stream_read_header(r, err);
 	while (ret == 0) {
 		ret = vmig_stream_read_record(r, &rec, err);
@@ -267,7 +276,10 @@ static int decode_all(const void *data, size_t len, size_t chunk, struct guest *
 			break;
 		}
 		case VMIG_REC_PAGES:
-			ret = vmig_stream_pages_apply(&rec, dst_cb, &ctx, err);
+			if (direct)
+				ck_assert(rec.body == NULL && rec.len > 0);
+			else
+				ret = vmig_stream_pages_apply(&rec, dst_cb, &ctx, err);
 			break;
 		case VMIG_REC_STATE: {
 			struct vmig_stream_state st;
@@ -635,13 +647,15 @@ static void read_pages(struct vmig_transport *t, struct guest *src, struct guest
 		memset(dst[k].region.hva, 0xAA, dst[k].region.size);
 	}
 	ck_assert_int_eq(vmig_stream_reader_create(t, VMIG_STREAM_FORWARD, &r), 0);
+	if (direct)
+		ck_assert_int_eq(vmig_stream_reader_set_memory(r, regions, n), 0);
 	ck_assert_int_eq(vmig_stream_read_header(r, &err), 0);
 	for (;;) {
 		ret = vmig_stream_read_record(r, &rec, &err);
 		ck_assert_msg(ret == 0, "read_record: %s", err.msg);
 		if (rec.type == VMIG_REC_END)
 			break;
-		if (rec.type == VMIG_REC_PAGES) {
+		if (rec.type == VMIG_REC_PAGES && !direct) {
 			/* Regions given in reverse order: any order works. */
 			struct vmig_mem_region rev[4];
 
@@ -688,6 +702,7 @@ START_TEST(test_pages_socketpair)
 	pthread_t th;
 	int sv[2];
 
+	direct = _i;
 	/* Two regions, 2600 pages: crosses batch boundaries (1024). */
 	guest_init(&src[0], 0, 1024);
 	guest_init(&src[1], 0x100000000ull, 1576);
@@ -750,6 +765,7 @@ START_TEST(test_pages_file_nocompress)
 	char path[] = "/tmp/vmig-test-stream.XXXXXX";
 	int fd = mkstemp(path);
 
+	direct = _i;
 	ck_assert_int_ge(fd, 0);
 	close(fd);
 	guest_init(&src, 0x200000, 700);
@@ -787,6 +803,7 @@ START_TEST(test_pages_file_auto)
 	char path[] = "/tmp/vmig-test-stream.XXXXXX";
 	int fd = mkstemp(path);
 
+	direct = _i;
 	ck_assert_int_ge(fd, 0);
 	close(fd);
 	guest_init(&src, 0x200000, 5000);
@@ -925,6 +942,7 @@ START_TEST(test_page_twice_later_wins)
 	struct guest g;
 	struct vmig_err err = { 0 };
 
+	direct = _i;
 	fill_random(a, PAGE);
 	fill_compressible(b, 5);
 	guest_init(&g, 0, 4);
@@ -1030,6 +1048,7 @@ START_TEST(test_truncated_everywhere)
 	struct vmig_err err = { 0 };
 	int ret;
 
+	direct = _i;
 	guest_init(&g, 0, 4);
 	ret = decode_all(data, len, 0, &g, 1, &err);
 	ck_assert_msg(ret == 0, "full stream: %s", err.msg);
@@ -1076,6 +1095,7 @@ START_TEST(test_bitflips_everywhere)
 	struct vmig_err err = { 0 };
 	unsigned long crc_errors = 0, other = 0;
 
+	direct = _i;
 	ck_assert(copy);
 	guest_init(&g, 0, 4);
 	for (size_t bit = 0; bit < len * 8; bit++) {
@@ -1178,6 +1198,7 @@ START_TEST(test_bad_framing)
 	struct vmig_err err = { 0 };
 	size_t n;
 
+	direct = _i;
 	guest_init(&g, 0, 1);
 
 	/* A length over the limit: refused before reading (or allocating) it. */
@@ -1276,6 +1297,7 @@ START_TEST(test_bad_pages)
 	size_t n, blen;
 	int clen, chalf;
 
+	direct = _i;
 	guest_init(&g, 0x10000, 4);   /* gpa 0x10000 .. 0x14000 */
 	fill_random(page, PAGE);
 	fill_compressible(half, 9);
@@ -1674,22 +1696,22 @@ static Suite *stream_suite(void)
 	tcase_add_test(tc, test_manpage_example);
 	tcase_add_test(tc, test_roundtrip_all_types);
 	tcase_add_test(tc, test_roundtrip_reverse);
-	tcase_add_test(tc, test_pages_socketpair);
-	tcase_add_test(tc, test_pages_file_nocompress);
-	tcase_add_test(tc, test_pages_file_auto);
+	tcase_add_loop_test(tc, test_pages_socketpair, 0, 2);
+	tcase_add_loop_test(tc, test_pages_file_nocompress, 0, 2);
+	tcase_add_loop_test(tc, test_pages_file_auto, 0, 2);
 	tcase_add_test(tc, test_auto_random_goes_raw);
 	tcase_add_test(tc, test_extents);
-	tcase_add_test(tc, test_page_twice_later_wins);
+	tcase_add_loop_test(tc, test_page_twice_later_wins, 0, 2);
 	tcase_add_test(tc, test_big_records);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("hostile");
 	tcase_set_timeout(tc, 300);
-	tcase_add_test(tc, test_truncated_everywhere);
-	tcase_add_test(tc, test_bitflips_everywhere);
+	tcase_add_loop_test(tc, test_truncated_everywhere, 0, 2);
+	tcase_add_loop_test(tc, test_bitflips_everywhere, 0, 2);
 	tcase_add_test(tc, test_bad_header);
-	tcase_add_test(tc, test_bad_framing);
-	tcase_add_test(tc, test_bad_pages);
+	tcase_add_loop_test(tc, test_bad_framing, 0, 2);
+	tcase_add_loop_test(tc, test_bad_pages, 0, 2);
 	tcase_add_test(tc, test_bad_state_error_config);
 	tcase_add_test(tc, test_error_message_sanitised);
 	tcase_add_test(tc, test_reader_misuse_and_sticky);

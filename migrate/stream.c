@@ -254,6 +254,7 @@ struct vmig_stream_writer {
 	/* VMIG_COMPRESS_AUTO's measurements (see auto_judge). */
 	bool auto_raw;            /* the open batch goes raw */
 	uint32_t auto_skip;       /* raw batches left before trying lz4 again */
+	uint32_t auto_backoff;    /* the next skip: doubles while lz4 keeps failing */
 	uint64_t comp_ns, comp_in, comp_out;   /* the open batch's lz4 work */
 	uint64_t link_ns, link_bytes;          /* time blocked writing; decayed */
 
@@ -261,6 +262,7 @@ struct vmig_stream_writer {
 };
 
 #define AUTO_SKIP_BATCHES 16u
+#define AUTO_SKIP_MAX     128u    /* 512 MiB of raw pages between tries */
 
 static uint64_t mono_ns(void)
 {
@@ -302,8 +304,19 @@ static void auto_judge(struct vmig_stream_writer *w)
 			pays = (double)w->comp_ns <
 			       (double)saved * (double)w->link_ns / (double)w->link_bytes;
 		if (!pays) {
+			/*
+			 * Each try costs a batch's compression; data that did
+			 * not compress last time seldom does the next, so try
+			 * less often while it keeps failing.
+			 */
+			if (w->auto_backoff < AUTO_SKIP_BATCHES)
+				w->auto_backoff = AUTO_SKIP_BATCHES;
 			w->auto_raw = true;
-			w->auto_skip = AUTO_SKIP_BATCHES;
+			w->auto_skip = w->auto_backoff;
+			if (w->auto_backoff < AUTO_SKIP_MAX)
+				w->auto_backoff *= 2;
+		} else {
+			w->auto_backoff = AUTO_SKIP_BATCHES;
 		}
 	}
 	w->comp_ns = w->comp_in = w->comp_out = 0;

@@ -100,7 +100,8 @@ enum vmig_compress {
 	 * LZ4 while it pays: a batch that does not shrink by 1/16, or whose
 	 * compression took longer than the link needs for the bytes it saved
 	 * (both measured by the writer), sends the next 16 batches RAW, then
-	 * tries again.
+	 * tries again; each failure in a row doubles the wait, up to 128
+	 * batches.
 	 */
 	VMIG_COMPRESS_AUTO = 2,
 };

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <json-c/json.h>
@@ -84,6 +85,8 @@ struct mem_transport {
 	uint8_t *data;
 	size_t len, cap, pos, chunk;
 	bool owned;
+	bool discard;             /* writes vanish (long streams) */
+	unsigned int ns_per_byte; /* a link this slow (with discard) */
 };
 
 static ssize_t mem_read(struct vmig_transport *t, void *buf, size_t len)
@@ -104,6 +107,15 @@ static ssize_t mem_write(struct vmig_transport *t, const void *buf, size_t len)
 {
 	struct mem_transport *m = (struct mem_transport *)t;
 
+	if (m->discard) {
+		if (m->ns_per_byte) {
+			uint64_t ns = (uint64_t)len * m->ns_per_byte;
+			struct timespec ts = { (time_t)(ns / 1000000000u), (long)(ns % 1000000000u) };
+
+			nanosleep(&ts, NULL);
+		}
+		return (ssize_t)len;
+	}
 	if (m->len + len > m->cap) {
 		size_t ncap = (m->cap ? m->cap * 2 : 65536);
 
@@ -827,6 +839,47 @@ START_TEST(test_pages_file_auto)
 END_TEST
 
 /* --compress auto on pages that do not shrink: they all go raw. */
+/*
+ * After a long stretch of random data (lz4 failing try after try, each
+ * failure waiting longer), compressible data is noticed again within the
+ * longest wait (128 batches).
+ */
+START_TEST(test_auto_comes_back)
+{
+	struct mem_transport *out = mem_new(NULL, 0, 0);
+	struct vmig_stream_writer *w;
+	struct vmig_stream_stats ws;
+	static uint8_t page[PAGE];
+	uint64_t i;
+
+	out->discard = true;
+	ck_assert_int_eq(vmig_stream_writer_create(&out->base, VMIG_STREAM_FORWARD, &w), 0);
+	ck_assert_int_eq(vmig_stream_write_header(w), 0);
+	/* Shrinks by ~3 %: lz4 pages, but batches that do not pay (1/16). */
+	fill_random(page, PAGE - 128);
+	memset(page + PAGE - 128, 0, 128);
+	for (i = 0; i < 200 * 1024; i++)
+		ck_assert_int_eq(vmig_stream_add_page(w, i * PAGE, page, VMIG_COMPRESS_AUTO), 0);
+	vmig_stream_writer_stats(w, &ws);
+	/*
+	 * Tries at batches 0, 17, 50 and 115 (waits of 16, 32, 64): four
+	 * batches of lz4 pages, where a fixed wait of 16 would try 12 times.
+	 */
+	ck_assert_uint_eq(ws.pages_lz4, 4 * 1024);
+	/* A link at 500 MB/s, where lz4 on this page pays several times over. */
+	out->ns_per_byte = 2;
+	fill_compressible(page, 7);
+	for (; i < 500 * 1024; i++)
+		ck_assert_int_eq(vmig_stream_add_page(w, i * PAGE, page, VMIG_COMPRESS_AUTO), 0);
+	ck_assert_int_eq(vmig_stream_finish(w), 0);
+	vmig_stream_writer_stats(w, &ws);
+	/* Back to lz4 within the longest wait (128 batches) of the 300. */
+	ck_assert_uint_ge(ws.pages_lz4, (4 + 300 - 129) * 1024);
+	vmig_stream_writer_destroy(w);
+	vmig_transport_close(&out->base);
+}
+END_TEST
+
 START_TEST(test_auto_random_goes_raw)
 {
 	struct mem_transport *out = mem_new(NULL, 0, 0);
@@ -1700,6 +1753,7 @@ static Suite *stream_suite(void)
 	tcase_add_loop_test(tc, test_pages_file_nocompress, 0, 2);
 	tcase_add_loop_test(tc, test_pages_file_auto, 0, 2);
 	tcase_add_test(tc, test_auto_random_goes_raw);
+	tcase_add_test(tc, test_auto_comes_back);
 	tcase_add_test(tc, test_extents);
 	tcase_add_loop_test(tc, test_page_twice_later_wins, 0, 2);
 	tcase_add_test(tc, test_big_records);

@@ -166,7 +166,7 @@ static void *dst_channel_thread(void *arg)
 		ret = vmig_stream_read_record(ch->r, &rec, &ch->err);
 		if (ret)
 			break;
-		if (rec.type == VMIG_REC_PAGES) {
+		if (rec.type == VMIG_REC_PAGES || rec.type == VMIG_REC_LIVE_PAGES) {
 			/* Applied by the reader. */
 		} else if (rec.type == VMIG_REC_ITER_END) {
 			ret = vmig_stream_parse_iter_end(&rec, &iter, &pages, &ch->err);
@@ -280,6 +280,58 @@ static int channels_finish(struct dst *d)
 		vmig_err_set(d->err, -EPROTO, "a channel did not end with END");
 	pthread_mutex_unlock(&d->ch_lock);
 	return ret;
+}
+
+/*
+ * After the last pass: every page that arrived torn (LIVE_PAGES: the
+ * guest wrote it while it was sent) must have come again.  One that did
+ * not was damaged on the way, not by the guest, and the VM would run
+ * with it: fail, the source resumes.
+ */
+static int torn_check(struct dst *d)
+{
+	uint64_t n = 0, gpa = 0, g;
+
+	for (unsigned int i = 0; i < d->nr_ch || i == 0; i++) {
+		struct vmig_stream_reader *r = i ? d->ch[i].r : d->r;
+		uint64_t k = r ? vmig_stream_reader_torn(r, &g) : 0;
+
+		if (k && !n)
+			gpa = g;
+		n += k;
+	}
+	if (!n)
+		return 0;
+	vmig_err_set(d->err, -EBADMSG, "%" PRIu64 " page%s arrived damaged and %s never sent "
+		     "again (one at gpa 0x%" PRIx64 "): the stream is corrupt", n,
+		     n == 1 ? "" : "s", n == 1 ? "was" : "were", gpa);
+	return -EBADMSG;
+}
+
+/* The readers' counts, summed, for the caller and the log. */
+static void received_stats(struct dst *d, const struct vmig_dst_params *p)
+{
+	struct vmig_stream_stats sum = { 0 }, rs;
+
+	for (unsigned int i = 0; i < d->nr_ch || i == 0; i++) {
+		struct vmig_stream_reader *r = i ? d->ch[i].r : d->r;
+
+		if (!r)
+			continue;
+		vmig_stream_reader_stats(r, &rs);
+		sum.bytes += rs.bytes;
+		sum.records += rs.records;
+		sum.records_skipped += rs.records_skipped;
+		sum.pages_zero += rs.pages_zero;
+		sum.pages_raw += rs.pages_raw;
+		sum.pages_lz4 += rs.pages_lz4;
+		sum.pages_torn += rs.pages_torn;
+	}
+	if (sum.pages_torn)
+		vmig_log(VMIG_LOG_DEBUG, "%" PRIu64 " pages arrived torn (written while sent) "
+			 "and came again", sum.pages_torn);
+	if (p->stats_out)
+		*p->stats_out = sum;
 }
 
 /* Stop, join and close every channel.  NULL-safe on a half-built set. */
@@ -613,6 +665,7 @@ static int receive(struct dst *d, const struct vmig_dst_params *p)
 			return ret;
 		switch (rec.type) {
 		case VMIG_REC_PAGES:
+		case VMIG_REC_LIVE_PAGES:
 			break;        /* applied by the reader */
 		case VMIG_REC_ITER_END:
 			ret = vmig_stream_parse_iter_end(&rec, &iter, &pages, d->err);
@@ -646,7 +699,8 @@ static int receive(struct dst *d, const struct vmig_dst_params *p)
 		case VMIG_REC_SWITCHOVER:
 			vmig_log(VMIG_LOG_DEBUG, "SWITCHOVER received at %" PRIu64 " us", vmig__now_ns() / 1000);
 			populate_stop(d);     /* every page is here */
-			return channels_finish(d);
+			ret = channels_finish(d);
+			return ret ? ret : torn_check(d);
 		case VMIG_REC_ERROR:
 			ret = vmig_stream_parse_error(&rec, &e, msg, sizeof(msg), d->err);
 			if (!ret) {
@@ -723,6 +777,7 @@ int vmig_migrate_dst_run(struct vmig_transport *t, const struct vmig_dst_params 
 	/* SWITCHOVER came after the source's last fence: every page is here. */
 	unexpose_ram(&d);
 	populate_stop(&d);
+	received_stats(&d, p);
 	channels_stop(&d);
 	if (!ret)
 		ret = load_state(&d);
@@ -807,6 +862,7 @@ fail:
 	}
 	unexpose_ram(&d);
 	populate_stop(&d);
+	received_stats(&d, p);
 	channels_stop(&d);
 	free_sections(&d);
 	vmig_stream_reader_destroy(d.r);

@@ -698,6 +698,8 @@ static int channels_open(struct vmig_migration *m)
 			return ret;
 		vmig_transport_set_timeout(ch->t, IO_TIMEOUT_MS);
 		ret = vmig_stream_writer_create(ch->t, VMIG_STREAM_FORWARD, &ch->w);
+		if (!ret)
+			ret = vmig_stream_writer_set_live(ch->w, true);
 		if (ret) {
 			vmig_err_set(&m->err, ret, "out of memory");
 			return ret;
@@ -995,6 +997,9 @@ static int setup(struct vmig_migration *m)
 		m->rtt_ns = vmig_transport_ssh_rtt_ns(m->t);
 	vmig_transport_set_timeout(m->t, IO_TIMEOUT_MS);
 	ret = vmig_stream_writer_create(m->t, VMIG_STREAM_FORWARD, &m->w);
+	/* Raw pages straight from guest RAM (LIVE_PAGES), no copy. */
+	if (!ret)
+		ret = vmig_stream_writer_set_live(m->w, true);
 	if (!ret && !m->is_file)
 		ret = vmig_stream_reader_create(m->t, VMIG_STREAM_REVERSE, &m->r);
 	if (ret) {

@@ -114,6 +114,7 @@ const char *vmig_stream_rec_name(uint32_t type)
 	case VMIG_REC_ERROR: return "ERROR";
 	case VMIG_REC_EXTENTS: return "EXTENTS";
 	case VMIG_REC_CHANNEL: return "CHANNEL";
+	case VMIG_REC_LIVE_PAGES: return "LIVE_PAGES";
 	case VMIG_REC_READY: return "READY";
 	case VMIG_REC_RUNNING: return "RUNNING";
 	case VMIG_REC_NACK: return "NACK";
@@ -136,7 +137,7 @@ static const char *type_str(uint32_t type, char *buf, size_t len)
 
 static bool type_forward(uint32_t type)
 {
-	return type >= VMIG_REC_CONFIG && type <= VMIG_REC_CHANNEL;
+	return type >= VMIG_REC_CONFIG && type <= VMIG_REC_LIVE_PAGES;
 }
 
 static bool type_reverse(uint32_t type)
@@ -160,7 +161,8 @@ static uint64_t type_max_len(uint32_t type)
 {
 	switch (type) {
 	case VMIG_REC_CONFIG: return VMIG_STREAM_MAX_CONFIG;
-	case VMIG_REC_PAGES: return VMIG_STREAM_MAX_PAGES_BODY;
+	case VMIG_REC_PAGES:
+	case VMIG_REC_LIVE_PAGES: return VMIG_STREAM_MAX_PAGES_BODY;
 	case VMIG_REC_ITER_END:
 	case VMIG_REC_ITER_DONE:
 	case VMIG_REC_CHANNEL: return 16;
@@ -247,9 +249,19 @@ struct vmig_stream_writer {
 	uint8_t *batch;           /* 8 + 16 * MAX_BATCH */
 	uint8_t *payload;         /* MAX_BATCH * PAGE_SIZE */
 	uint32_t npages;
-	size_t payload_len;
+	size_t payload_len;       /* bytes used in payload */
+	size_t body_payload;      /* the batch's payload bytes (live: with guest pages) */
 	void *lz4_state;
 	uint8_t *scratch;         /* PAGE_SIZE, compressor output */
+
+	/*
+	 * Live mode (vmig_stream_writer_set_live): LIVE_PAGES, raw pages sent
+	 * from where they are.  The payloads are these pieces: guest memory
+	 * for raw pages (neighbours merged), w->payload for compressed ones.
+	 */
+	bool live;
+	struct iovec *piece;      /* PIECE_BASE + MAX_BATCH + 1 */
+	int npieces;
 
 	/* VMIG_COMPRESS_AUTO's measurements (see auto_judge). */
 	bool auto_raw;            /* the open batch goes raw */
@@ -260,6 +272,17 @@ struct vmig_stream_writer {
 
 	struct vmig_stream_stats stats;
 };
+
+/*
+ * Live mode: a batch goes out once it holds this much payload, so its
+ * pages are still in the cache when the kernel copies them (they were
+ * read once for their checksums).  Records at most this long are copied
+ * into the output buffer instead (a few scattered pages: one system call
+ * for many records).
+ */
+#define LIVE_BATCH_BYTES (256u << 10)
+#define LIVE_COPY_MAX    (32u << 10)
+#define PIECE_BASE       3          /* piece[] slots for buffer, header, descriptors */
 
 #define AUTO_SKIP_BATCHES 16u
 #define AUTO_SKIP_MAX     128u    /* 512 MiB of raw pages between tries */
@@ -338,9 +361,11 @@ int vmig_stream_writer_create(struct vmig_transport *t, enum vmig_stream_dir dir
 		w->payload = malloc((size_t)VMIG_STREAM_MAX_BATCH * VMIG_STREAM_PAGE_SIZE);
 		w->lz4_state = malloc((size_t)LZ4_sizeofState());
 		w->scratch = malloc(VMIG_STREAM_PAGE_SIZE);
+		w->piece = malloc((PIECE_BASE + VMIG_STREAM_MAX_BATCH + 1) * sizeof(*w->piece));
 	}
 	if (!w->out || (dir == VMIG_STREAM_FORWARD &&
-			(!w->batch || !w->payload || !w->lz4_state || !w->scratch))) {
+			(!w->batch || !w->payload || !w->lz4_state || !w->scratch ||
+			 !w->piece))) {
 		vmig_stream_writer_destroy(w);
 		return -ENOMEM;
 	}
@@ -357,6 +382,7 @@ void vmig_stream_writer_destroy(struct vmig_stream_writer *w)
 	free(w->payload);
 	free(w->lz4_state);
 	free(w->scratch);
+	free(w->piece);
 	free(w);
 }
 
@@ -472,7 +498,8 @@ int vmig_stream_write_header(struct vmig_stream_writer *w)
 	if (w->header_done)
 		return -EINVAL;
 	memcpy(h, VMIG_STREAM_MAGIC, 8);
-	put_le32(h + 8, VMIG_STREAM_VERSION);
+	/* Version 1 unless LIVE_PAGES will be used: older readers take it. */
+	put_le32(h + 8, w->live ? 2 : 1);
 	put_le32(h + 12, VMIG_STREAM_HEADER_SIZE);
 	put_le64(h + 16, 0);      /* flags */
 	put_le64(h + 24, 0);      /* reserved */
@@ -687,11 +714,31 @@ static bool page_is_zero(const void *page)
 	return true;
 }
 
+int vmig_stream_writer_set_live(struct vmig_stream_writer *w, bool live)
+{
+	if (w->dir != VMIG_STREAM_FORWARD || w->header_done)
+		return -EINVAL;
+	w->live = live;
+	return 0;
+}
+
+/* A payload of the open live batch; neighbours in memory merge. */
+static void add_piece(struct vmig_stream_writer *w, const void *p, size_t len)
+{
+	struct iovec *last = &w->piece[PIECE_BASE + w->npieces - 1];
+
+	if (w->npieces && (const uint8_t *)last->iov_base + last->iov_len == p)
+		last->iov_len += len;
+	else
+		w->piece[PIECE_BASE + w->npieces++] = (struct iovec){ (void *)p, len };
+}
+
 int vmig_stream_add_page(struct vmig_stream_writer *w, uint64_t gpa,
 			 const void *page, enum vmig_compress mode)
 {
 	uint8_t *desc, *slot;
-	uint32_t enc, plen;
+	uint32_t enc, plen, crc = 0;
+	bool lz4;
 
 	if (w->error)
 		return w->error;
@@ -700,16 +747,28 @@ int vmig_stream_add_page(struct vmig_stream_writer *w, uint64_t gpa,
 		return -EINVAL;
 
 	slot = w->payload + w->payload_len;
+	lz4 = mode == VMIG_COMPRESS_LZ4 || (mode == VMIG_COMPRESS_AUTO && !w->auto_raw);
 	if (page_is_zero(page)) {
 		enc = VMIG_PAGE_ZERO;
 		plen = 0;
 		w->stats.pages_zero++;
+	} else if (w->live && !lz4) {
+		/*
+		 * Sent from where it is: checksummed now, copied by the kernel
+		 * at the flush.  Should the guest write it in between, the
+		 * receiver sees a torn page; the dirty log sends it again.
+		 */
+		enc = VMIG_PAGE_RAW;
+		plen = VMIG_STREAM_PAGE_SIZE;
+		crc = vmig_crc32c(0, page, VMIG_STREAM_PAGE_SIZE);
+		add_piece(w, page, VMIG_STREAM_PAGE_SIZE);
+		w->stats.pages_raw++;
 	} else {
 		/* Snapshot first: the checksum must cover what is sent. */
 		memcpy(slot, page, VMIG_STREAM_PAGE_SIZE);
 		enc = VMIG_PAGE_RAW;
 		plen = VMIG_STREAM_PAGE_SIZE;
-		if (mode == VMIG_COMPRESS_LZ4 || (mode == VMIG_COMPRESS_AUTO && !w->auto_raw)) {
+		if (lz4) {
 			uint64_t t0 = mode == VMIG_COMPRESS_AUTO ? mono_ns() : 0;
 			int c = LZ4_compress_fast_extState(w->lz4_state,
 							   (const char *)slot,
@@ -733,15 +792,78 @@ int vmig_stream_add_page(struct vmig_stream_writer *w, uint64_t gpa,
 			w->stats.pages_lz4++;
 		else
 			w->stats.pages_raw++;
+		if (w->live) {
+			crc = vmig_crc32c(0, slot, plen);
+			add_piece(w, slot, plen);
+		}
+		w->payload_len += plen;
 	}
 	desc = w->batch + 8 + (size_t)w->npages * VMIG_STREAM_PAGE_DESC;
 	put_le64(desc, gpa | enc);
 	put_le32(desc + 8, plen);
-	put_le32(desc + 12, 0);
-	w->payload_len += plen;
+	put_le32(desc + 12, crc);
+	w->body_payload += plen;
 	w->npages++;
-	if (w->npages == VMIG_STREAM_MAX_BATCH)
+	if (w->npages == VMIG_STREAM_MAX_BATCH ||
+	    (w->live && w->body_payload >= LIVE_BATCH_BYTES))
 		return vmig_stream_flush_pages(w);
+	return 0;
+}
+
+/*
+ * The open live batch as a LIVE_PAGES record: its checksum covers the
+ * header and descriptors, each payload has its own in its descriptor.
+ */
+static int flush_live(struct vmig_stream_writer *w)
+{
+	uint8_t hdr[VMIG_STREAM_REC_HEADER], tail[8 + VMIG_STREAM_REC_TRAILER];
+	size_t head = 8 + (size_t)w->npages * VMIG_STREAM_PAGE_DESC;
+	size_t len = head + w->body_payload, pad = pad8(len);
+	size_t total = VMIG_STREAM_REC_HEADER + len + pad + VMIG_STREAM_REC_TRAILER;
+	struct iovec *iov = w->piece;
+	uint64_t t0;
+	uint32_t crc;
+	int i, k, ret;
+
+	put_le32(hdr, VMIG_REC_LIVE_PAGES);
+	put_le32(hdr + 4, 0);
+	put_le64(hdr + 8, len);
+	crc = vmig_crc32c(0, hdr, sizeof(hdr));
+	crc = vmig_crc32c(crc, w->batch, head);
+	crc = vmig_crc32c(crc, zeros, pad);
+	memset(tail, 0, pad);
+	put_le32(tail + pad, crc);
+	put_le32(tail + pad + 4, 0);
+
+	if (total <= LIVE_COPY_MAX) {
+		if (total > OUT_CAP - w->out_len) {
+			ret = out_flush(w);
+			if (ret < 0)
+				return ret;
+		}
+		out_append(w, hdr, sizeof(hdr));
+		out_append(w, w->batch, head);
+		for (i = 0; i < w->npieces; i++)
+			out_append(w, iov[PIECE_BASE + i].iov_base, iov[PIECE_BASE + i].iov_len);
+		out_append(w, tail, pad + VMIG_STREAM_REC_TRAILER);
+	} else {
+		/* The slots before the pieces are kept free for this. */
+		k = PIECE_BASE;
+		iov[--k] = (struct iovec){ w->batch, head };
+		iov[--k] = (struct iovec){ hdr, sizeof(hdr) };
+		if (w->out_len)
+			iov[--k] = (struct iovec){ w->out, w->out_len };
+		iov[PIECE_BASE + w->npieces] = (struct iovec){ tail, pad + VMIG_STREAM_REC_TRAILER };
+		t0 = mono_ns();
+		ret = vmig_transport_writev_full(w->t, iov + k, PIECE_BASE + w->npieces + 1 - k);
+		if (ret < 0)
+			return writer_fail(w, ret);
+		link_note(w, w->out_len + total, mono_ns() - t0);
+		w->stats.bytes += w->out_len + total;
+		w->out_len = 0;
+	}
+	w->offset += total;
+	w->stats.records++;
 	return 0;
 }
 
@@ -756,11 +878,17 @@ int vmig_stream_flush_pages(struct vmig_stream_writer *w)
 		return 0;
 	put_le32(w->batch, w->npages);
 	put_le32(w->batch + 4, 0);
-	iov[0] = (struct iovec){ w->batch, 8 + (size_t)w->npages * VMIG_STREAM_PAGE_DESC };
-	iov[1] = (struct iovec){ w->payload, w->payload_len };
-	ret = emit(w, VMIG_REC_PAGES, 0, iov, 2);
+	if (w->live) {
+		ret = flush_live(w);
+	} else {
+		iov[0] = (struct iovec){ w->batch, 8 + (size_t)w->npages * VMIG_STREAM_PAGE_DESC };
+		iov[1] = (struct iovec){ w->payload, w->payload_len };
+		ret = emit(w, VMIG_REC_PAGES, 0, iov, 2);
+	}
 	w->npages = 0;
+	w->npieces = 0;
 	w->payload_len = 0;
+	w->body_payload = 0;
 	auto_judge(w);
 	return ret;
 }
@@ -800,7 +928,7 @@ void vmig_stream_writer_stats(const struct vmig_stream_writer *w,
 	if (w->npages)  /* the open batch, roughly as it will be framed */
 		out->pending += VMIG_STREAM_REC_HEADER + 8 +
 				(uint64_t)w->npages * VMIG_STREAM_PAGE_DESC +
-				w->payload_len + VMIG_STREAM_REC_TRAILER;
+				w->body_payload + VMIG_STREAM_REC_TRAILER;
 }
 
 const struct vmig_err *vmig_stream_writer_err(const struct vmig_stream_writer *w)
@@ -881,10 +1009,14 @@ static int pages_check(const struct vmig_record *rec, struct page_counts *pc,
 		uint32_t plen = get_le32(d + 8);
 		bool ok;
 
-		if (get_le32(d + 12) != 0)
+		/* LIVE_PAGES: the payload's checksum (none for a ZERO page). */
+		if (get_le32(d + 12) != 0 &&
+		    (rec->type != VMIG_REC_LIVE_PAGES || enc == VMIG_PAGE_ZERO))
 			return bad(err, -EPROTO, rec,
-				   "page %u of %u (gpa 0x%llx): reserved word is 0x%x (expected 0)",
-				   i, count, (unsigned long long)gpa, get_le32(d + 12));
+				   "page %u of %u (gpa 0x%llx): %s is 0x%x (expected 0)",
+				   i, count, (unsigned long long)gpa,
+				   rec->type == VMIG_REC_LIVE_PAGES ? "checksum of a ZERO page" :
+				   "reserved word", get_le32(d + 12));
 		switch (enc) {
 		case VMIG_PAGE_ZERO:
 			ok = plen == 0;
@@ -1025,6 +1157,7 @@ static int body_check(const struct vmig_record *rec, struct page_counts *pc,
 {
 	switch (rec->type) {
 	case VMIG_REC_PAGES:
+	case VMIG_REC_LIVE_PAGES:
 		return pages_check(rec, pc, err);
 	case VMIG_REC_STATE:
 		return state_check(rec, NULL, err);
@@ -1086,6 +1219,9 @@ struct vmig_stream_reader {
 	uint8_t **dsts;           /* MAX_BATCH: each page's destination */
 	uint8_t *lz4buf;          /* MAX_BATCH * PAGE_SIZE: LZ4 payloads */
 	uint8_t *head;            /* the record's count and descriptors */
+	uint64_t *torn;           /* a bit per page of mem: torn, not yet sent again */
+	uint64_t torn_count;
+	uint32_t version;         /* the stream's, from its header */
 };
 
 size_t vmig_stream_reader_buffered(const struct vmig_stream_reader *r)
@@ -1124,6 +1260,7 @@ void vmig_stream_reader_destroy(struct vmig_stream_reader *r)
 	free(r->dsts);
 	free(r->lz4buf);
 	free(r->head);
+	free(r->torn);
 	free(r);
 }
 
@@ -1138,6 +1275,9 @@ int vmig_stream_reader_set_memory(struct vmig_stream_reader *r,
 		if (!r->iov || !r->dsts || !r->lz4buf || !r->head)
 			return -ENOMEM;
 	}
+	free(r->torn);
+	r->torn = NULL;
+	r->torn_count = 0;
 	r->mem = regions;
 	r->nr_mem = n;
 	return 0;
@@ -1266,19 +1406,20 @@ int vmig_stream_read_header(struct vmig_stream_reader *r, struct vmig_err *err)
 	if (memcmp(h, VMIG_STREAM_MAGIC, 8) != 0)
 		goto not_vmig;
 	version = get_le32(h + 8);
-	if (version != VMIG_STREAM_VERSION)
+	if (version < VMIG_STREAM_VERSION_MIN || version > VMIG_STREAM_VERSION)
 		return reader_fail(r, err, -EPROTONOSUPPORT,
-				   "stream version %u is not supported by this vmig (supports %u)",
-				   version, VMIG_STREAM_VERSION);
+				   "stream version %u is not supported by this vmig (supports %u to %u)",
+				   version, VMIG_STREAM_VERSION_MIN, VMIG_STREAM_VERSION);
 	size = get_le32(h + 12);
 	if (size != VMIG_STREAM_HEADER_SIZE)
 		return reader_fail(r, err, -EPROTO,
 				   "stream header size is %u (expected %u for version %u)",
-				   size, VMIG_STREAM_HEADER_SIZE, VMIG_STREAM_VERSION);
+				   size, VMIG_STREAM_HEADER_SIZE, version);
 	if (get_le64(h + 16) != 0)
 		return reader_fail(r, err, -EPROTO,
-				   "stream header flags are 0x%llx (version 1 defines none)",
-				   (unsigned long long)get_le64(h + 16));
+				   "stream header flags are 0x%llx (version %u defines none)",
+				   (unsigned long long)get_le64(h + 16), version);
+	r->version = version;
 	if (get_le64(h + 24) != 0)
 		return reader_fail(r, err, -EPROTO,
 				   "stream header reserved field is 0x%llx (expected 0)",
@@ -1308,6 +1449,23 @@ not_vmig:
 
 static int read_pages_direct(struct vmig_stream_reader *r, struct vmig_record *cur,
 			     struct vmig_err *err);
+static int reader_apply(struct vmig_stream_reader *r, const struct vmig_record *rec);
+
+/*
+ * The part of a LIVE_PAGES body its record checksum covers: the count
+ * and the descriptors (all of it if the count is off: the checks that
+ * follow reject it).
+ */
+static uint64_t live_head_len(const uint8_t *body, uint64_t len)
+{
+	uint64_t count, head;
+
+	if (len < 8)
+		return len;
+	count = get_le32(body);
+	head = 8 + count * VMIG_STREAM_PAGE_DESC;
+	return count <= VMIG_STREAM_MAX_BATCH && head <= len ? head : len;
+}
 
 int vmig_stream_read_record(struct vmig_stream_reader *r, struct vmig_record *rec,
 			    struct vmig_err *err)
@@ -1365,8 +1523,13 @@ int vmig_stream_read_record(struct vmig_stream_reader *r, struct vmig_record *re
 					   (unsigned long long)r->offset,
 					   (unsigned long long)len, VMIG_STREAM_MAX_RECORD);
 		total = VMIG_STREAM_REC_HEADER + len + pad8(len) + VMIG_STREAM_REC_TRAILER;
+		if (type == VMIG_REC_LIVE_PAGES && r->version < 2)
+			return reader_fail(r, err, -EPROTO,
+					   "%s record at stream offset %llu in a version-%u stream (it needs version 2)",
+					   type_str(type, ts, sizeof(ts)),
+					   (unsigned long long)r->offset, r->version);
 
-		if (r->mem && type == VMIG_REC_PAGES && flags == 0 &&
+		if (r->mem && (type == VMIG_REC_PAGES || type == VMIG_REC_LIVE_PAGES) && flags == 0 &&
 		    r->dir == VMIG_STREAM_FORWARD && len <= VMIG_STREAM_MAX_PAGES_BODY) {
 			ret = read_pages_direct(r, &cur, err);
 			if (ret == 0)
@@ -1393,7 +1556,15 @@ int vmig_stream_read_record(struct vmig_stream_reader *r, struct vmig_record *re
 			return read_error(r, err, ret, "a record");
 
 		h = r->buf + r->start;
-		crc = vmig_crc32c(0, h, total - VMIG_STREAM_REC_TRAILER);
+		if (type == VMIG_REC_LIVE_PAGES) {
+			/* Not the payloads: each has its own checksum. */
+			uint64_t head = live_head_len(h + VMIG_STREAM_REC_HEADER, len);
+
+			crc = vmig_crc32c(0, h, VMIG_STREAM_REC_HEADER + head);
+			crc = vmig_crc32c(crc, h + VMIG_STREAM_REC_HEADER + len, pad8(len));
+		} else {
+			crc = vmig_crc32c(0, h, total - VMIG_STREAM_REC_TRAILER);
+		}
 		stored = get_le32(h + total - 8);
 		if (crc != stored)
 			return reader_fail(r, err, -EBADMSG,
@@ -1454,8 +1625,8 @@ int vmig_stream_read_record(struct vmig_stream_reader *r, struct vmig_record *re
 			vmig_err_set(err, ret, "%s", r->first.msg);
 			return ret;
 		}
-		if (type == VMIG_REC_PAGES && r->mem) {
-			ret = vmig_stream_pages_apply_regions(&cur, r->mem, r->nr_mem, &r->first);
+		if ((type == VMIG_REC_PAGES || type == VMIG_REC_LIVE_PAGES) && r->mem) {
+			ret = reader_apply(r, &cur);
 			if (ret < 0) {
 				r->error = ret;
 				vmig_err_set(err, ret, "%s", r->first.msg);
@@ -1463,7 +1634,7 @@ int vmig_stream_read_record(struct vmig_stream_reader *r, struct vmig_record *re
 			}
 			cur.body = NULL;
 		}
-		if (type == VMIG_REC_PAGES) {
+		if (type == VMIG_REC_PAGES || type == VMIG_REC_LIVE_PAGES) {
 			r->stats.pages_zero += pc.zero;
 			r->stats.pages_raw += pc.raw;
 			r->stats.pages_lz4 += pc.lz4;
@@ -1661,18 +1832,25 @@ int vmig_stream_parse_error(const struct vmig_record *rec, int *errnum,
 	return 0;
 }
 
-int vmig_stream_pages_apply(const struct vmig_record *rec,
-			    vmig_stream_page_dst_fn *page_dst, void *arg,
-			    struct vmig_err *err)
+/*
+ * A LIVE_PAGES page whose payload does not match its checksum: @torn
+ * records it (0, or -errno), or without one it is an error.
+ */
+typedef int torn_fn(void *arg, uint64_t gpa);
+
+static int pages_apply(const struct vmig_record *rec, vmig_stream_page_dst_fn *page_dst,
+		       void *arg, torn_fn *torn, struct vmig_err *err)
 {
 	const uint8_t *b = rec->body, *payload;
 	void *dsts[VMIG_STREAM_MAX_BATCH];
 	uint32_t count, i;
 	int ret;
 
-	ret = expect_type(rec, VMIG_REC_PAGES, err);
-	if (ret < 0)
-		return ret;
+	if (rec->type != VMIG_REC_LIVE_PAGES) {
+		ret = expect_type(rec, VMIG_REC_PAGES, err);
+		if (ret < 0)
+			return ret;
+	}
 	ret = pages_check(rec, NULL, err);
 	if (ret < 0)
 		return ret;
@@ -1701,6 +1879,21 @@ int vmig_stream_pages_apply(const struct vmig_record *rec,
 		uint32_t plen = get_le32(d + 8);
 		int n;
 
+		if (rec->type == VMIG_REC_LIVE_PAGES && plen &&
+		    vmig_crc32c(0, payload, plen) != get_le32(d + 12)) {
+			uint64_t gpa = word & ~(uint64_t)PAGE_ENC_MASK;
+
+			if (!torn)
+				return bad(err, -EBADMSG, rec,
+					   "page %u of %u at gpa 0x%llx: its payload does not match its checksum",
+					   i, count, (unsigned long long)gpa);
+			ret = torn(arg, gpa);
+			if (ret < 0)
+				return bad(err, ret, rec, "page %u of %u at gpa 0x%llx: %s", i,
+					   count, (unsigned long long)gpa, strerror(-ret));
+			payload += plen;
+			continue;
+		}
 		switch (word & PAGE_ENC_MASK) {
 		case VMIG_PAGE_ZERO:
 			memset(dsts[i], 0, VMIG_STREAM_PAGE_SIZE);
@@ -1728,6 +1921,13 @@ int vmig_stream_pages_apply(const struct vmig_record *rec,
 		payload += plen;
 	}
 	return 0;
+}
+
+int vmig_stream_pages_apply(const struct vmig_record *rec,
+			    vmig_stream_page_dst_fn *page_dst, void *arg,
+			    struct vmig_err *err)
+{
+	return pages_apply(rec, page_dst, arg, NULL, err);
 }
 
 struct region_lookup {
@@ -1764,6 +1964,116 @@ int vmig_stream_pages_apply_regions(const struct vmig_record *rec,
 	struct region_lookup l = { .regions = regions, .n = n, .last = n };
 
 	return vmig_stream_pages_apply(rec, region_dst, &l, err);
+}
+
+/* ------------------------------------------------------------------------
+ * Torn pages (LIVE_PAGES)
+ */
+
+/* @gpa's bit in r->torn: pages are numbered through the regions in order. */
+static bool torn_bit(const struct vmig_stream_reader *r, uint64_t gpa, uint64_t *bit)
+{
+	uint64_t base = 0;
+
+	for (unsigned int k = 0; k < r->nr_mem; k++) {
+		if (region_has(&r->mem[k], gpa)) {
+			*bit = base + (gpa - r->mem[k].gpa) / VMIG_STREAM_PAGE_SIZE;
+			return true;
+		}
+		base += r->mem[k].size / VMIG_STREAM_PAGE_SIZE;
+	}
+	return false;
+}
+
+static int torn_mark(void *arg, uint64_t gpa)
+{
+	struct vmig_stream_reader *r = arg;
+	uint64_t bit, mask;
+
+	if (!torn_bit(r, gpa, &bit))
+		return 0;       /* never: destinations are checked first */
+	if (!r->torn) {
+		uint64_t pages = 0;
+
+		for (unsigned int k = 0; k < r->nr_mem; k++)
+			pages += r->mem[k].size / VMIG_STREAM_PAGE_SIZE;
+		r->torn = calloc((pages + 63) / 64, sizeof(uint64_t));
+		if (!r->torn)
+			return -ENOMEM;
+	}
+	mask = 1ull << (bit % 64);
+	if (!(r->torn[bit / 64] & mask)) {
+		r->torn[bit / 64] |= mask;
+		r->torn_count++;
+	}
+	r->stats.pages_torn++;
+	return 0;
+}
+
+/* A new copy of @gpa is here. */
+static void torn_clear(struct vmig_stream_reader *r, uint64_t gpa)
+{
+	uint64_t bit, mask;
+
+	if (!r->torn_count || !torn_bit(r, gpa, &bit))
+		return;
+	mask = 1ull << (bit % 64);
+	if (r->torn[bit / 64] & mask) {
+		r->torn[bit / 64] &= ~mask;
+		r->torn_count--;
+	}
+}
+
+uint64_t vmig_stream_reader_torn(const struct vmig_stream_reader *r, uint64_t *gpa)
+{
+	uint64_t w = 0, bit, base = 0;
+
+	*gpa = 0;
+	if (!r->torn_count)
+		return 0;
+	while (!r->torn[w])
+		w++;
+	bit = w * 64 + (uint64_t)__builtin_ctzll(r->torn[w]);
+	for (unsigned int k = 0; k < r->nr_mem; k++) {
+		uint64_t pages = r->mem[k].size / VMIG_STREAM_PAGE_SIZE;
+
+		if (bit < base + pages) {
+			*gpa = r->mem[k].gpa + (bit - base) * VMIG_STREAM_PAGE_SIZE;
+			break;
+		}
+		base += pages;
+	}
+	return r->torn_count;
+}
+
+/* The whole-record path: destinations by region, torn pages tracked. */
+struct reader_lookup {
+	struct region_lookup l;
+	struct vmig_stream_reader *r;
+};
+
+static int reader_dst(void *arg, uint64_t gpa, void **dst)
+{
+	struct reader_lookup *rl = arg;
+	int ret = region_dst(&rl->l, gpa, dst);
+
+	if (!ret)
+		torn_clear(rl->r, gpa);
+	return ret;
+}
+
+static int reader_torn(void *arg, uint64_t gpa)
+{
+	return torn_mark(((struct reader_lookup *)arg)->r, gpa);
+}
+
+static int reader_apply(struct vmig_stream_reader *r, const struct vmig_record *rec)
+{
+	struct reader_lookup rl = {
+		.l = { .regions = r->mem, .n = r->nr_mem, .last = r->nr_mem }, .r = r,
+	};
+
+	return pages_apply(rec, reader_dst, &rl, reader_torn, &r->first);
 }
 
 /* ------------------------------------------------------------------------
@@ -1816,7 +2126,7 @@ static int direct_in(struct vmig_stream_reader *r, const struct iovec *iov, int 
 		if (ret < 0)
 			return read_error(r, err, ret, "page data");
 	}
-	for (int i = 0; i < n; i++)
+	for (int i = 0; crc && i < n; i++)
 		*crc = vmig_crc32c(*crc, iov[i].iov_base, iov[i].iov_len);
 	r->offset += bytes;
 	r->stats.bytes += bytes;
@@ -1833,6 +2143,11 @@ static int read_pages_direct(struct vmig_stream_reader *r, struct vmig_record *c
 	uint32_t count, i, crc, stored;
 	struct page_counts pc = { 0 };
 	size_t lz4_len = 0, pad, k, np, have;
+	bool live = cur->type == VMIG_REC_LIVE_PAGES;
+	/* LIVE_PAGES: the next page to check, where its payload starts. */
+	uint32_t vi = 0;
+	uint64_t voff = 0, vlz4 = 0, got = 0;
+	uint64_t torn[VMIG_STREAM_MAX_BATCH / 64] = { 0 };
 	int n = 0, ret;
 	char ts[32];
 
@@ -1858,7 +2173,7 @@ static int read_pages_direct(struct vmig_stream_reader *r, struct vmig_record *c
 		uint32_t enc = (uint32_t)(word & PAGE_ENC_MASK), plen = get_le32(d + 8);
 		void *dst;
 
-		if (get_le32(d + 12) ||
+		if ((get_le32(d + 12) && (!live || enc == VMIG_PAGE_ZERO)) ||
 		    !(enc == VMIG_PAGE_ZERO ? plen == 0 :
 		      enc == VMIG_PAGE_RAW ? plen == VMIG_STREAM_PAGE_SIZE :
 		      enc == VMIG_PAGE_LZ4 && plen > 0 && plen < VMIG_STREAM_PAGE_SIZE))
@@ -1869,6 +2184,7 @@ static int read_pages_direct(struct vmig_stream_reader *r, struct vmig_record *c
 		if (i && (uint8_t *)dst <= r->dsts[i - 1])
 			return NOT_DIRECT;
 		r->dsts[i] = dst;
+		torn_clear(r, word & ~(uint64_t)PAGE_ENC_MASK);
 		sum += plen;
 		if (plen == 0) {
 			pc.zero++;
@@ -1923,9 +2239,30 @@ static int read_pages_direct(struct vmig_stream_reader *r, struct vmig_record *c
 				done = 0;
 			}
 		}
-		ret = direct_in(r, part, (int)np, bytes, cur, &crc, err);
+		ret = direct_in(r, part, (int)np, bytes, cur, live ? NULL : &crc, err);
 		if (ret)
 			return ret;
+		/* LIVE_PAGES: check each page whose payload is complete, while hot. */
+		got += bytes;
+		for (; live && vi < count; vi++) {
+			const uint8_t *d = b + 8 + (size_t)vi * VMIG_STREAM_PAGE_DESC;
+			uint32_t plen = get_le32(d + 8);
+			const uint8_t *data;
+
+			if (voff + plen > got)
+				break;
+			if (!plen)
+				continue;
+			if ((get_le64(d) & PAGE_ENC_MASK) == VMIG_PAGE_RAW) {
+				data = r->dsts[vi];
+			} else {
+				data = r->lz4buf + vlz4;
+				vlz4 += plen;
+			}
+			if (vmig_crc32c(0, data, plen) != get_le32(d + 12))
+				torn[vi / 64] |= 1ull << (vi % 64);
+			voff += plen;
+		}
 	}
 
 	/* Padding and trailer. */
@@ -1960,35 +2297,43 @@ static int read_pages_direct(struct vmig_stream_reader *r, struct vmig_record *c
 					   (unsigned long long)cur->offset, i, r->buf[have + i]);
 	r->consume = pad + VMIG_STREAM_REC_TRAILER;
 
-	/* Verified: the pages that are not raw. */
+	/* Verified: the pages that are not raw, and the torn ones. */
 	lz4_len = 0;
-	for (i = 0; i < count && (pc.zero || pc.lz4); i++) {
+	for (i = 0; i < count && (pc.zero || pc.lz4 || live); i++) {
 		const uint8_t *d = b + 8 + (size_t)i * VMIG_STREAM_PAGE_DESC;
 		uint64_t word = get_le64(d);
 		uint32_t plen = get_le32(d + 8);
-		int got;
+		int dec;
 
+		if (torn[i / 64] & (1ull << (i % 64))) {
+			if ((word & PAGE_ENC_MASK) == VMIG_PAGE_LZ4)
+				lz4_len += plen;
+			ret = torn_mark(r, word & ~(uint64_t)PAGE_ENC_MASK);
+			if (ret)
+				return reader_fail(r, err, ret, "out of memory for the torn-page map");
+			continue;
+		}
 		switch (word & PAGE_ENC_MASK) {
 		case VMIG_PAGE_ZERO:
 			memset(r->dsts[i], 0, VMIG_STREAM_PAGE_SIZE);
 			break;
 		case VMIG_PAGE_LZ4:
-			got = LZ4_decompress_safe((const char *)r->lz4buf + lz4_len,
+			dec = LZ4_decompress_safe((const char *)r->lz4buf + lz4_len,
 						  (char *)r->dsts[i], (int)plen,
 						  VMIG_STREAM_PAGE_SIZE);
 			lz4_len += plen;
-			if (got < 0)
+			if (dec < 0)
 				return reader_fail(r, err, -EPROTO,
 						   "PAGES record at stream offset %llu: page %u of %u at gpa 0x%llx: its %u-byte LZ4 payload is corrupt",
 						   (unsigned long long)cur->offset, i, count,
 						   (unsigned long long)(word & ~(uint64_t)PAGE_ENC_MASK),
 						   plen);
-			if (got != (int)VMIG_STREAM_PAGE_SIZE)
+			if (dec != (int)VMIG_STREAM_PAGE_SIZE)
 				return reader_fail(r, err, -EPROTO,
 						   "PAGES record at stream offset %llu: page %u of %u at gpa 0x%llx: its LZ4 payload decodes to %d bytes (expected 4096)",
 						   (unsigned long long)cur->offset, i, count,
 						   (unsigned long long)(word & ~(uint64_t)PAGE_ENC_MASK),
-						   got);
+						   dec);
 			break;
 		default:
 			break;

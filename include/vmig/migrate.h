@@ -162,6 +162,8 @@ struct vmig_dst_params {
 	/* Progress, optional: called after every ITER_END. */
 	void (*progress)(void *arg, uint64_t iteration, uint64_t bytes);
 	void *progress_arg;
+	/* Optional: what arrived, summed over the channels (set at the end). */
+	struct vmig_stream_stats *stats_out;
 };
 int vmig_migrate_dst_run(struct vmig_transport *t, const struct vmig_dst_params *p,
 			 struct vmig_vm **out, struct vmig_err *err);

@@ -43,7 +43,8 @@ struct vmig_mem_region;
  */
 
 #define VMIG_STREAM_MAGIC        "VMIGSTRM"   /* 8 bytes, no NUL */
-#define VMIG_STREAM_VERSION      1u
+#define VMIG_STREAM_VERSION      2u           /* the newest this vmig reads */
+#define VMIG_STREAM_VERSION_MIN  1u           /* the oldest */
 #define VMIG_STREAM_HEADER_SIZE  32u
 
 #define VMIG_STREAM_REC_HEADER   16u          /* type, flags, length */
@@ -75,6 +76,7 @@ enum vmig_rec_type {
 	VMIG_REC_ERROR = 8,
 	VMIG_REC_EXTENTS = 9,        /* optional: RAM the first pass will fill */
 	VMIG_REC_CHANNEL = 10,       /* first record of an extra connection */
+	VMIG_REC_LIVE_PAGES = 11,    /* PAGES with a checksum per payload */
 	/* reverse: destination -> source */
 	VMIG_REC_READY = 0x10,
 	VMIG_REC_RUNNING = 0x11,
@@ -118,6 +120,7 @@ struct vmig_stream_stats {
 	uint64_t records;        /* records written / returned (not skipped ones) */
 	uint64_t records_skipped;/* reader: unknown optional records skipped */
 	uint64_t pages_zero, pages_raw, pages_lz4;
+	uint64_t pages_torn;     /* reader: pages that changed while sent (LIVE_PAGES) */
 };
 
 /* "PAGES", "READY", ...; NULL for a type this vmig does not know. */
@@ -211,7 +214,18 @@ int vmig_stream_write_error(struct vmig_stream_writer *w, uint32_t type,
  */
 int vmig_stream_add_page(struct vmig_stream_writer *w, uint64_t gpa,
 			 const void *page, enum vmig_compress mode);
-/* Close the open page batch (if any) into a PAGES record. */
+/*
+ * Live mode (for a running guest; before the header, which then says
+ * version 2, the first with LIVE_PAGES; -EINVAL after it): pages go
+ * out as LIVE_PAGES records, raw ones straight from @page with a checksum
+ * of their own, without a copy.  @page must then stay mapped until the
+ * batch is flushed, and the guest may write it meanwhile: the receiver
+ * sees the page torn and waits for the next copy, which the dirty log
+ * guarantees.  Batches are also cut at 256 KiB of payload, so pages are
+ * still in the cache when the kernel copies them.
+ */
+int vmig_stream_writer_set_live(struct vmig_stream_writer *w, bool live);
+/* Close the open page batch (if any) into a PAGES (LIVE_PAGES) record. */
 int vmig_stream_flush_pages(struct vmig_stream_writer *w);
 /* Close the batch and hand everything buffered to the transport. */
 int vmig_stream_flush(struct vmig_stream_writer *w);
@@ -285,6 +299,16 @@ int vmig_stream_read_record(struct vmig_stream_reader *r, struct vmig_record *re
  */
 int vmig_stream_reader_set_memory(struct vmig_stream_reader *r,
 				  const struct vmig_mem_region *regions, unsigned int n);
+
+/*
+ * With set_memory: a LIVE_PAGES page whose payload does not match its
+ * checksum is "torn" (the guest wrote it while it was sent) and is not
+ * an error by itself; it must come again, and any later copy of it
+ * clears it.  Returns how many pages are torn now, and the gpa of one in
+ * *@gpa.  Once the source has sent its last pass this must be 0:
+ * otherwise the stream lost pages (dst.c fails the migration).
+ */
+uint64_t vmig_stream_reader_torn(const struct vmig_stream_reader *r, uint64_t *gpa);
 
 /*
  * After END: 0 if the stream ends there, -EPROTO if more bytes follow.

@@ -74,6 +74,8 @@ static void fill_compressible(void *p, uint64_t stamp)
  * rather than with vmig_stream_pages_apply.  The loop tests run both ways.
  */
 static bool direct;
+/* Write as a live source does (vmig_stream_writer_set_live: LIVE_PAGES). */
+static bool live;
 
 #define assert_err_has(e, s) \
 	ck_assert_msg(strstr((e)->msg, (s)), "message \"%s\" lacks \"%s\"", (e)->msg, (s))
@@ -288,6 +290,7 @@ static int decode_all(const void *data, size_t len, size_t chunk, struct guest *
 			break;
 		}
 		case VMIG_REC_PAGES:
+		case VMIG_REC_LIVE_PAGES:
 			if (direct)
 				ck_assert(rec.body == NULL && rec.len > 0);
 			else
@@ -318,6 +321,16 @@ static int decode_all(const void *data, size_t len, size_t chunk, struct guest *
 		}
 		case VMIG_REC_END:
 			ret = vmig_stream_expect_eof(r, err);
+			if (ret == 0 && direct) {
+				uint64_t gpa, n = vmig_stream_reader_torn(r, &gpa);
+
+				/* As the destination: pages torn and never sent again. */
+				if (n) {
+					vmig_err_set(err, -EBADMSG, "%llu torn pages, one at gpa 0x%llx",
+						     (unsigned long long)n, (unsigned long long)gpa);
+					ret = -EBADMSG;
+				}
+			}
 			goto out;
 		default:
 			break;
@@ -361,6 +374,18 @@ START_TEST(test_crc32c)
 				      off, len, hw, sw);
 			ck_assert_msg(chained == hw, "off %zu len %zu: chained 0x%08x whole 0x%08x",
 				      off, len, chained, hw);
+		}
+		/* A whole page: three lanes of 1360 bytes and a tail (aligned
+		 * at off 0 and 8), or the general path. */
+		for (size_t k = 0; k + 4096 + off <= sizeof(buf); k += 4096) {
+			uint32_t hw = vmig_crc32c(0, buf + k + off, 4096);
+			uint32_t sw = vmig__crc32c_sw(0, buf + k + off, 4096);
+			uint32_t two = vmig_crc32c(vmig_crc32c(7, buf + off, 4096), buf + off + 4096 - k,
+						   4096);
+
+			ck_assert_msg(hw == sw, "page at %zu: hw 0x%08x sw 0x%08x", k + off, hw, sw);
+			ck_assert_uint_eq(two, vmig__crc32c_sw(vmig__crc32c_sw(7, buf + off, 4096),
+							       buf + off + 4096 - k, 4096));
 		}
 		/* Around the 3 x 512-byte rounds of the interleaved path. */
 		for (size_t len = 1530; len + off <= sizeof(buf); len += len % 1536 < 8 ? 1 : 1527) {
@@ -413,7 +438,8 @@ START_TEST(test_rec_names)
 	ck_assert_ptr_null(vmig_stream_rec_name(0));
 	ck_assert_str_eq(vmig_stream_rec_name(VMIG_REC_EXTENTS), "EXTENTS");
 	ck_assert_str_eq(vmig_stream_rec_name(VMIG_REC_CHANNEL), "CHANNEL");
-	ck_assert_ptr_null(vmig_stream_rec_name(11));
+	ck_assert_str_eq(vmig_stream_rec_name(VMIG_REC_LIVE_PAGES), "LIVE_PAGES");
+	ck_assert_ptr_null(vmig_stream_rec_name(12));
 	ck_assert_str_eq(vmig_stream_rec_name(VMIG_REC_ITER_DONE), "ITER_DONE");
 	ck_assert_ptr_null(vmig_stream_rec_name(0x14));
 }
@@ -628,6 +654,7 @@ static void write_pages(struct vmig_transport *t, struct guest *src, unsigned in
 	int ret;
 
 	ck_assert_int_eq(vmig_stream_writer_create(t, VMIG_STREAM_FORWARD, &w), 0);
+	vmig_stream_writer_set_live(w, live);
 	ck_assert_int_eq(vmig_stream_write_header(w), 0);
 	for (unsigned int k = 0; k < n; k++) {
 		for (uint64_t off = 0; off < src[k].region.size; off += PAGE) {
@@ -667,7 +694,7 @@ static void read_pages(struct vmig_transport *t, struct guest *src, struct guest
 		ck_assert_msg(ret == 0, "read_record: %s", err.msg);
 		if (rec.type == VMIG_REC_END)
 			break;
-		if (rec.type == VMIG_REC_PAGES && !direct) {
+		if ((rec.type == VMIG_REC_PAGES || rec.type == VMIG_REC_LIVE_PAGES) && !direct) {
 			/* Regions given in reverse order: any order works. */
 			struct vmig_mem_region rev[4];
 
@@ -714,7 +741,8 @@ START_TEST(test_pages_socketpair)
 	pthread_t th;
 	int sv[2];
 
-	direct = _i;
+	direct = _i & 1;
+	live = _i >> 1;
 	/* Two regions, 2600 pages: crosses batch boundaries (1024). */
 	guest_init(&src[0], 0, 1024);
 	guest_init(&src[1], 0x100000000ull, 1576);
@@ -755,8 +783,11 @@ START_TEST(test_pages_socketpair)
 	ck_assert_msg(nzero > 500 && nraw > 500 && nlz4 > 500,
 		      "mix: %llu zero, %llu raw, %llu lz4", (unsigned long long)nzero,
 		      (unsigned long long)nraw, (unsigned long long)nlz4);
-	/* 3 batches of pages + header, ITER_END, END. */
-	ck_assert_uint_eq(job.stats.records, 5);
+	/* 3 batches of pages + header, ITER_END, END; live: 256 KiB batches. */
+	if (live)
+		ck_assert_uint_gt(job.stats.records, 5);
+	else
+		ck_assert_uint_eq(job.stats.records, 5);
 	ck_assert_uint_eq(job.stats.bytes, rs.bytes);
 	vmig_transport_close(a);
 	vmig_transport_close(b);
@@ -777,7 +808,8 @@ START_TEST(test_pages_file_nocompress)
 	char path[] = "/tmp/vmig-test-stream.XXXXXX";
 	int fd = mkstemp(path);
 
-	direct = _i;
+	direct = _i & 1;
+	live = _i >> 1;
 	ck_assert_int_ge(fd, 0);
 	close(fd);
 	guest_init(&src, 0x200000, 700);
@@ -815,7 +847,8 @@ START_TEST(test_pages_file_auto)
 	char path[] = "/tmp/vmig-test-stream.XXXXXX";
 	int fd = mkstemp(path);
 
-	direct = _i;
+	direct = _i & 1;
+	live = _i >> 1;
 	ck_assert_int_ge(fd, 0);
 	close(fd);
 	guest_init(&src, 0x200000, 5000);
@@ -995,7 +1028,8 @@ START_TEST(test_page_twice_later_wins)
 	struct guest g;
 	struct vmig_err err = { 0 };
 
-	direct = _i;
+	direct = _i & 1;
+	live = _i >> 1;
 	fill_random(a, PAGE);
 	fill_compressible(b, 5);
 	guest_init(&g, 0, 4);
@@ -1011,6 +1045,118 @@ START_TEST(test_page_twice_later_wins)
 	ck_assert(memcmp(g.region.hva + 0x2000, b, PAGE) == 0);
 	guest_fini(&g);
 	vmig_transport_close(&out->base);
+}
+END_TEST
+
+/*
+ * LIVE_PAGES: a page the "guest" writes between add_page and the flush
+ * arrives torn; the reader does not fail, counts it, and a later copy
+ * clears it.  Both read paths: direct (ascending batch) and whole-record
+ * (a batch that names a page twice).
+ */
+static uint64_t read_torn(const uint8_t *data, size_t len, struct guest *g,
+			  uint64_t *torn_gpa, uint64_t *torn_seen)
+{
+	struct mem_transport *m = mem_new(data, len, 0);
+	struct vmig_stream_reader *r;
+	struct vmig_stream_stats rs;
+	struct vmig_record rec;
+	struct vmig_err err = { 0 };
+	uint64_t n;
+
+	ck_assert_int_eq(vmig_stream_reader_create(&m->base, VMIG_STREAM_FORWARD, &r), 0);
+	ck_assert_int_eq(vmig_stream_reader_set_memory(r, &g->region, 1), 0);
+	ck_assert_int_eq(vmig_stream_read_header(r, &err), 0);
+	do {
+		ck_assert_msg(vmig_stream_read_record(r, &rec, &err) == 0, "%s", err.msg);
+	} while (rec.type != VMIG_REC_END);
+	n = vmig_stream_reader_torn(r, torn_gpa);
+	vmig_stream_reader_stats(r, &rs);
+	*torn_seen = rs.pages_torn;
+	vmig_stream_reader_destroy(r);
+	vmig_transport_close(&m->base);
+	return n;
+}
+
+START_TEST(test_live_torn_pages)
+{
+	struct guest src, dst;
+	struct mem_transport *out;
+	struct vmig_stream_writer *w;
+	struct vmig_err err = { 0 };
+	uint64_t gpa, seen, i;
+	uint8_t before[PAGE];
+	bool twice = _i;
+
+	guest_init(&src, 0x100000, 16);
+	guest_init(&dst, 0x100000, 16);
+	fill_random(src.region.hva, 16 * PAGE);
+
+	/* Pass 1: page 5 changes after its checksum, before it is sent. */
+	out = mem_new(NULL, 0, 0);
+	ck_assert_int_eq(vmig_stream_writer_create(&out->base, VMIG_STREAM_FORWARD, &w), 0);
+	vmig_stream_writer_set_live(w, true);
+	ck_assert_int_eq(vmig_stream_write_header(w), 0);
+	for (i = 0; i < 16; i++)
+		ck_assert_int_eq(vmig_stream_add_page(w, 0x100000 + i * PAGE,
+						      src.region.hva + i * PAGE,
+						      VMIG_COMPRESS_NONE), 0);
+	if (twice)   /* page 2 again: not ascending, read whole */
+		ck_assert_int_eq(vmig_stream_add_page(w, 0x102000, src.region.hva + 2 * PAGE,
+						      VMIG_COMPRESS_NONE), 0);
+	memcpy(before, src.region.hva + 5 * PAGE, PAGE);
+	src.region.hva[5 * PAGE + 100] ^= 0xff;
+	ck_assert_int_eq(vmig_stream_flush_pages(w), 0);
+	ck_assert_int_eq(vmig_stream_write_iter_end(w, 0, 16), 0);
+	/* The stream so far ends here for the first read. */
+	ck_assert_int_eq(vmig_stream_flush(w), 0);
+	{
+		size_t cut = out->len;
+		uint8_t *copy = malloc(cut + 24);
+		size_t k;
+
+		ck_assert(copy);
+		memcpy(copy, out->data, cut);
+		/* An END record so the reader can stop. */
+		k = cut + put_record(copy + cut, VMIG_REC_END, 0, NULL, 0);
+		ck_assert_uint_eq(read_torn(copy, k, &dst, &gpa, &seen), 1);
+		ck_assert_uint_eq(gpa, 0x105000);
+		ck_assert_uint_eq(seen, 1);
+		for (i = 0; i < 16; i++)
+			if (i != 5)
+				ck_assert_msg(!memcmp(dst.region.hva + i * PAGE,
+						      src.region.hva + i * PAGE, PAGE),
+					      "page %llu differs", (unsigned long long)i);
+		free(copy);
+	}
+	/* Without the reader's tracking, a torn page is an error. */
+	direct = false;
+	{
+		size_t cut = out->len;
+		uint8_t *copy = malloc(cut + 24);
+
+		ck_assert(copy);
+		memcpy(copy, out->data, cut);
+		cut += put_record(copy + cut, VMIG_REC_END, 0, NULL, 0);
+		ck_assert_int_eq(decode_all(copy, cut, 0, &dst, 1, &err), -EBADMSG);
+		assert_err_has(&err, "at gpa 0x105000: its payload does not match its checksum");
+		free(copy);
+	}
+
+	/* Pass 2: the dirty log sends page 5 again; nothing is torn any more. */
+	ck_assert_int_eq(vmig_stream_add_page(w, 0x105000, src.region.hva + 5 * PAGE,
+					      VMIG_COMPRESS_NONE), 0);
+	ck_assert_int_eq(vmig_stream_write_iter_end(w, 1, 1), 0);
+	ck_assert_int_eq(vmig_stream_finish(w), 0);
+	vmig_stream_writer_destroy(w);
+	memset(dst.region.hva, 0, 16 * PAGE);
+	ck_assert_uint_eq(read_torn(out->data, out->len, &dst, &gpa, &seen), 0);
+	ck_assert_uint_eq(seen, 1);
+	ck_assert(!memcmp(dst.region.hva, src.region.hva, 16 * PAGE));
+	ck_assert(memcmp(before, src.region.hva + 5 * PAGE, PAGE));
+	vmig_transport_close(&out->base);
+	guest_fini(&src);
+	guest_fini(&dst);
 }
 END_TEST
 
@@ -1075,6 +1221,7 @@ static uint8_t *small_stream(size_t *len)
 	fill_random(page, PAGE);
 	fill_random(state, sizeof(state));
 	ck_assert_int_eq(vmig_stream_writer_create(&out->base, VMIG_STREAM_FORWARD, &w), 0);
+	vmig_stream_writer_set_live(w, live);
 	ck_assert_int_eq(vmig_stream_write_header(w), 0);
 	ck_assert_int_eq(vmig_stream_write_config(w, cfg), 0);
 	ck_assert_int_eq(vmig_stream_add_page(w, 0x0000, zero, VMIG_COMPRESS_LZ4), 0);
@@ -1101,7 +1248,8 @@ START_TEST(test_truncated_everywhere)
 	struct vmig_err err = { 0 };
 	int ret;
 
-	direct = _i;
+	direct = _i & 1;
+	live = _i >> 1;
 	guest_init(&g, 0, 4);
 	ret = decode_all(data, len, 0, &g, 1, &err);
 	ck_assert_msg(ret == 0, "full stream: %s", err.msg);
@@ -1148,7 +1296,8 @@ START_TEST(test_bitflips_everywhere)
 	struct vmig_err err = { 0 };
 	unsigned long crc_errors = 0, other = 0;
 
-	direct = _i;
+	direct = _i & 1;
+	live = _i >> 1;
 	ck_assert(copy);
 	guest_init(&g, 0, 4);
 	for (size_t bit = 0; bit < len * 8; bit++) {
@@ -1202,7 +1351,7 @@ static int decode_records(const uint8_t *recs, size_t rlen, bool no_end,
 
 START_TEST(test_bad_header)
 {
-	uint8_t buf[64];
+	uint8_t buf[128];
 	struct guest g;
 	struct vmig_err err = { 0 };
 
@@ -1218,10 +1367,17 @@ START_TEST(test_bad_header)
 	ck_assert_int_eq(decode_all("SSH-2.0-OpenSSH_9.2\r\n", 21, 0, &g, 1, &err), -EPROTO);
 	assert_err_has(&err, "not a vmig stream (it starts with \"SSH-2.0-\"");
 
-	put_header(buf, 2);
+	put_header(buf, 3);
 	vmig_err_clear(&err);
 	ck_assert_int_eq(decode_all(buf, 56, 0, &g, 1, &err), -EPROTONOSUPPORT);
-	assert_err_has(&err, "stream version 2 is not supported by this vmig (supports 1)");
+	assert_err_has(&err, "stream version 3 is not supported by this vmig (supports 1 to 2)");
+	put_header(buf, 0);
+	vmig_err_clear(&err);
+	ck_assert_int_eq(decode_all(buf, 56, 0, &g, 1, &err), -EPROTONOSUPPORT);
+	/* Version 2 (LIVE_PAGES) is read; LIVE_PAGES in a version-1 stream is not. */
+	put_header(buf, 2);
+	vmig_err_clear(&err);
+	ck_assert_int_eq(decode_all(buf, 56, 0, &g, 1, &err), 0);
 
 	put_header(buf, 1);
 	le32(buf + 12, 40);
@@ -1240,6 +1396,22 @@ START_TEST(test_bad_header)
 	vmig_err_clear(&err);
 	ck_assert_int_eq(decode_all(buf, 56, 0, &g, 1, &err), -EPROTO);
 	assert_err_has(&err, "reserved field");
+	{
+		uint8_t body[8 + 16];
+		size_t k = put_header(buf, 1);
+
+		memset(body, 0, sizeof(body));
+		le32(body, 1);
+		le64(body + 8, 0);             /* one ZERO page */
+		k += put_record(buf + k, VMIG_REC_LIVE_PAGES, 0, body, sizeof(body));
+		k += put_record(buf + k, VMIG_REC_END, 0, NULL, 0);
+		vmig_err_clear(&err);
+		ck_assert_int_eq(decode_all(buf, k, 0, &g, 1, &err), -EPROTO);
+		assert_err_has(&err, "LIVE_PAGES (0xb) record at stream offset 32 in a version-1 stream (it needs version 2)");
+		le32(buf + 8, 2);
+		vmig_err_clear(&err);
+		ck_assert_msg(decode_all(buf, k, 0, &g, 1, &err) == 0, "%s", err.msg);
+	}
 	guest_fini(&g);
 }
 END_TEST
@@ -1251,7 +1423,8 @@ START_TEST(test_bad_framing)
 	struct vmig_err err = { 0 };
 	size_t n;
 
-	direct = _i;
+	direct = _i & 1;
+	live = _i >> 1;
 	guest_init(&g, 0, 1);
 
 	/* A length over the limit: refused before reading (or allocating) it. */
@@ -1350,7 +1523,8 @@ START_TEST(test_bad_pages)
 	size_t n, blen;
 	int clen, chalf;
 
-	direct = _i;
+	direct = _i & 1;
+	live = _i >> 1;
 	guest_init(&g, 0x10000, 4);   /* gpa 0x10000 .. 0x14000 */
 	fill_random(page, PAGE);
 	fill_compressible(half, 9);
@@ -1749,20 +1923,21 @@ static Suite *stream_suite(void)
 	tcase_add_test(tc, test_manpage_example);
 	tcase_add_test(tc, test_roundtrip_all_types);
 	tcase_add_test(tc, test_roundtrip_reverse);
-	tcase_add_loop_test(tc, test_pages_socketpair, 0, 2);
-	tcase_add_loop_test(tc, test_pages_file_nocompress, 0, 2);
-	tcase_add_loop_test(tc, test_pages_file_auto, 0, 2);
+	tcase_add_loop_test(tc, test_pages_socketpair, 0, 4);
+	tcase_add_loop_test(tc, test_pages_file_nocompress, 0, 4);
+	tcase_add_loop_test(tc, test_pages_file_auto, 0, 4);
 	tcase_add_test(tc, test_auto_random_goes_raw);
 	tcase_add_test(tc, test_auto_comes_back);
 	tcase_add_test(tc, test_extents);
-	tcase_add_loop_test(tc, test_page_twice_later_wins, 0, 2);
+	tcase_add_loop_test(tc, test_page_twice_later_wins, 0, 4);
 	tcase_add_test(tc, test_big_records);
+	tcase_add_loop_test(tc, test_live_torn_pages, 0, 2);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("hostile");
 	tcase_set_timeout(tc, 300);
-	tcase_add_loop_test(tc, test_truncated_everywhere, 0, 2);
-	tcase_add_loop_test(tc, test_bitflips_everywhere, 0, 2);
+	tcase_add_loop_test(tc, test_truncated_everywhere, 0, 4);
+	tcase_add_loop_test(tc, test_bitflips_everywhere, 0, 4);
 	tcase_add_test(tc, test_bad_header);
 	tcase_add_loop_test(tc, test_bad_framing, 0, 2);
 	tcase_add_loop_test(tc, test_bad_pages, 0, 2);

@@ -1068,7 +1068,10 @@ static int setup(struct vmig_migration *m)
 		vmig_log(VMIG_LOG_INFO, "rdma: pages go %s", m->direct ?
 			 "straight into the destination's RAM (RDMA WRITE)" : "in PAGES records");
 	}
-	return m->nr_ch > 1 ? channels_open(m) : 0;
+	ret = m->nr_ch > 1 ? channels_open(m) : 0;
+	vmig_log(VMIG_LOG_DEBUG, "setup done at %" PRIu64 " us (connected after %" PRIu64
+		 " us)", (vmig__now_ns() - m->start_ns) / 1000, m->rtt_ns / 1000);
+	return ret;
 }
 
 /* Fold a fresh sync into m->dirty; returns the dirty count. */
@@ -1155,6 +1158,9 @@ static int precopy(struct vmig_migration *m)
 			return ret == -ECANCELED || m->err.code ? ret : writer_error(m, ret);
 
 		dt = vmig__now_ns() - t0;
+		vmig_log(VMIG_LOG_DEBUG, "pass %" PRIu64 ": %" PRIu64 " pages in %" PRIu64
+			 " us, ends at %" PRIu64 " us", iter, sent, dt / 1000,
+			 (vmig__now_ns() - m->start_ns) / 1000);
 		if (dt < MIN_ITERATION_NS) {
 			/* Near-empty passes by the thousand only burn CPU on syncs:
 			 * let the dirty pages gather a little. */

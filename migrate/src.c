@@ -1054,6 +1054,12 @@ static int setup(struct vmig_migration *m)
 		ret = vmig_stream_write_extents(m->w, m->extents, m->nr_extents);
 	free(m->extents);
 	m->extents = NULL;
+	/*
+	 * What never changes while the VM lives (a Linux guest's kernel and
+	 * initrd, megabytes) goes now, not in the pause.
+	 */
+	if (!ret)
+		ret = vmig_vm_state_save_parts(m->vm, VMIG_STATE_BOOT, emit_state, m, &m->err);
 	if (!ret)
 		ret = vmig_stream_flush(m->w);
 	if (ret)
@@ -1300,7 +1306,8 @@ static int switchover(struct vmig_migration *m)
 		return m->err.code ? ret : writer_error(m, ret);
 	vmig_log(VMIG_LOG_DEBUG, "switchover: %" PRIu64 " last pages sent at %" PRIu64 " us",
 		 sent, (vmig__now_ns() - m->pause_ns) / 1000);
-	ret = vmig_vm_state_save(m->vm, emit_state, m, &m->err);
+	/* The boot images went before the first pass (setup). */
+	ret = vmig_vm_state_save_parts(m->vm, VMIG_STATE_MACHINE, emit_state, m, &m->err);
 	if (ret)
 		return ret;
 	vmig_log(VMIG_LOG_DEBUG, "switchover: state saved at %" PRIu64 " us",

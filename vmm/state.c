@@ -296,6 +296,13 @@ static int save_boot(struct vmig_vm *vm, vmig_vm_state_emit_fn *emit, void *arg,
 int vmig_vm_state_save(struct vmig_vm *vm, vmig_vm_state_emit_fn *emit, void *arg,
 		       struct vmig_err *err)
 {
+	return vmig_vm_state_save_parts(vm, VMIG_STATE_BOOT | VMIG_STATE_MACHINE, emit, arg,
+					err);
+}
+
+int vmig_vm_state_save_parts(struct vmig_vm *vm, unsigned int parts,
+			     vmig_vm_state_emit_fn *emit, void *arg, struct vmig_err *err)
+{
 	struct vmig__serial_state ss;
 	struct vmig__serial_ext_state *sx;
 	struct vmig__cmos_state cs;
@@ -303,6 +310,8 @@ int vmig_vm_state_save(struct vmig_vm *vm, vmig_vm_state_emit_fn *emit, void *ar
 	unsigned int i;
 	int ret;
 
+	if (!(parts & VMIG_STATE_MACHINE))
+		return parts & VMIG_STATE_BOOT ? save_boot(vm, emit, arg, err) : 0;
 	if (vmig_vm_state(vm) != VMIG_VM_PAUSED && vm->state != VMIG_VM_CREATED) {
 		vmig_err_set(err, -EBUSY, "the VM must be paused to save its state");
 		return -EBUSY;
@@ -336,7 +345,7 @@ int vmig_vm_state_save(struct vmig_vm *vm, vmig_vm_state_emit_fn *emit, void *ar
 	vmig__acpi_pm_save(&vm->acpi_pm, &ps);
 	if (!ret)
 		ret = emit(arg, "acpi.pm", 1, 0, &ps, sizeof(ps));
-	if (!ret)
+	if (!ret && (parts & VMIG_STATE_BOOT))
 		ret = save_boot(vm, emit, arg, err);
 	for (i = 0; !ret && i < vm->cfg.nr_vcpus; i++)
 		ret = save_vcpu(vm, &vm->vcpus[i], emit, arg, err);

@@ -206,6 +206,18 @@ typedef int vmig_vm_state_emit_fn(void *arg, const char *name, uint16_t version,
 int vmig_vm_state_save(struct vmig_vm *vm, vmig_vm_state_emit_fn *emit, void *arg,
 		       struct vmig_err *err);
 
+/* Parts of the state, for vmig_vm_state_save_parts(). */
+#define VMIG_STATE_BOOT    0x1u   /* boot images: fixed for the VM's life */
+#define VMIG_STATE_MACHINE 0x2u   /* everything else */
+/*
+ * vmig_vm_state_save() of some @parts only.  VMIG_STATE_BOOT alone does
+ * not need the VM paused: a migration sends it before its first pass, so
+ * a Linux guest's kernel and initrd (megabytes) are not sent during the
+ * pause.  Owner thread.
+ */
+int vmig_vm_state_save_parts(struct vmig_vm *vm, unsigned int parts,
+			     vmig_vm_state_emit_fn *emit, void *arg, struct vmig_err *err);
+
 /*
  * Load a complete set of sections into a VM created with cfg.incoming and
  * not yet started, in the order KVM needs whatever their order in @s.

@@ -365,7 +365,15 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 		ret = vmig_transport_listen(o->listen, &l, &err);
 		if (!ret) {
 			if (o->notify_fd >= 0) {
-				cli_notify_parent(o->notify_fd, "");
+				/* Success (an empty message), then the real address:
+				 * the parent prints it (a port 0 was picked here). */
+				const char *u = vmig_listener_uri(l);
+
+				if (write(o->notify_fd, "", 1) < 0 ||
+				    write(o->notify_fd, u, strlen(u) + 1) < 0)
+					vmig_log(VMIG_LOG_WARN, "cannot notify the parent: %s",
+						 strerror(errno));
+				close(o->notify_fd);
 				o->notify_fd = -1;
 			} else
 				fprintf(stderr, "vmig: waiting for a migration on %s\n", vmig_listener_uri(l));
@@ -515,6 +523,7 @@ static int run_detached(struct in_opts *o)
 		_exit(receive_and_serve(o, log));
 	}
 	close(pipefd[1]);
+	/* An error message, or an empty one and the listening address. */
 	while (len < sizeof(msg) - 1) {
 		n = read(pipefd[0], msg + len, sizeof(msg) - 1 - len);
 		if (n < 0 && errno == EINTR)
@@ -522,7 +531,8 @@ static int run_detached(struct in_opts *o)
 		if (n <= 0)
 			break;
 		len += n;
-		if (memchr(msg, 0, len))
+		if (msg[0] ? memchr(msg, 0, len) != NULL :
+		    len > 1 && memchr(msg + 1, 0, len - 1) != NULL)
 			break;
 	}
 	close(pipefd[0]);
@@ -535,7 +545,8 @@ static int run_detached(struct in_opts *o)
 	if (o->file)
 		printf("VM restored from %s (pid %d)\n", o->file, (int)child);
 	else
-		printf("waiting for a migration on %s (pid %d)\n", o->listen, (int)child);
+		printf("waiting for a migration on %s (pid %d)\n", len > 1 ? msg + 1 : o->listen,
+		       (int)child);
 	return VMIG_EXIT_OK;
 }
 

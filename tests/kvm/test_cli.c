@@ -119,9 +119,16 @@ static pid_t pid_in(const char *dir, const char *name)
 	return pid;
 }
 
-static void start_pair(const char *name, const char *workload, const char *uri)
+/*
+ * A VM @name here and `vmig incoming --listen @uri --detach` on host B.
+ * Returns the address B listens on, as it printed it (a port 0 in @uri
+ * becomes the one it got).
+ */
+static const char *start_pair(const char *name, const char *workload, const char *uri)
 {
+	static char real[512];
 	struct kvm_test_result r;
+	const char *at, *end;
 
 	RUN(&r, "run", name, "--memory", "160M", "--vcpus", "2", "--workload", workload,
 	    "--detach");
@@ -129,6 +136,14 @@ static void start_pair(const char *name, const char *workload, const char *uri)
 	kvm_test_wait_first_page(NULL, name);
 	RUN_B(&r, "incoming", "--listen", uri, "--detach");
 	ck_assert_msg(r.status == 0, "incoming: exit %d: %s", r.status, r.err);
+	at = strstr(r.out, "waiting for a migration on ");
+	ck_assert_msg(at, "incoming --detach printed: %s", r.out);
+	at += strlen("waiting for a migration on ");
+	end = strstr(at, " (pid ");
+	ck_assert_msg(end && (size_t)(end - at) < sizeof(real), "incoming printed: %s", r.out);
+	snprintf(real, sizeof(real), "%.*s", (int)(end - at), at);
+	ck_assert_msg(!strstr(real, ":0") || strstr(uri, "unix:"), "still port 0: %s", real);
+	return real;
 }
 
 /*
@@ -169,7 +184,8 @@ static void migrate_over(const char *uri_fmt, const char *channels)
 	struct kvm_test_result r;
 
 	snprintf(uri, sizeof(uri), uri_fmt, run_dir);
-	start_pair("mv", "rate=max,wss=2M", uri);
+	/* tcp: port 0, the one B got is what it prints. */
+	snprintf(uri, sizeof(uri), "%s", start_pair("mv", "rate=max,wss=2M", uri));
 	o = kvm_test_vm_status(NULL, "mv");
 	before = kvm_test_ju64(o, "pages_written");
 	json_object_put(o);
@@ -232,7 +248,7 @@ static void migrate_over(const char *uri_fmt, const char *channels)
 
 START_TEST(migrate_tcp)
 {
-	migrate_over("tcp://127.0.0.1:47391", NULL);
+	migrate_over("tcp://127.0.0.1:0", NULL);
 }
 END_TEST
 
@@ -244,7 +260,7 @@ END_TEST
 
 START_TEST(migrate_tcp_channels)
 {
-	migrate_over("tcp://127.0.0.1:47392", "3");
+	migrate_over("tcp://127.0.0.1:0", "3");
 }
 END_TEST
 

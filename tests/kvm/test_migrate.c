@@ -897,6 +897,44 @@ static void make_saved_stream(void)
 	close(fd);
 }
 
+/*
+ * Stream offset of the payload of the first page that has one (RAW or
+ * LZ4) in a LIVE_PAGES record of @buf (a saved stream), its length in
+ * *@plen_out; 0 if there is none.
+ */
+static size_t first_live_payload(const uint8_t *buf, size_t len, uint32_t *plen_out)
+{
+	size_t at = VMIG_STREAM_HEADER_SIZE;
+
+	while (at + VMIG_STREAM_REC_HEADER <= len) {
+		uint32_t type, count;
+		uint64_t rlen, pay;
+
+		memcpy(&type, buf + at, 4);
+		memcpy(&rlen, buf + at + 8, 8);
+		if (type == VMIG_REC_LIVE_PAGES) {
+			memcpy(&count, buf + at + VMIG_STREAM_REC_HEADER, 4);
+			pay = at + VMIG_STREAM_REC_HEADER + 8 + (uint64_t)count * VMIG_STREAM_PAGE_DESC;
+			for (uint32_t i = 0; i < count; i++) {
+				const uint8_t *d = buf + at + VMIG_STREAM_REC_HEADER + 8 +
+						   (size_t)i * VMIG_STREAM_PAGE_DESC;
+				uint64_t word;
+				uint32_t plen;
+
+				memcpy(&word, d, 8);
+				memcpy(&plen, d + 8, 4);
+				if (plen) {
+					*plen_out = plen;
+					return pay;
+				}
+				pay += plen;
+			}
+		}
+		at += VMIG_STREAM_REC_HEADER + rlen + ((8 - rlen % 8) % 8) + VMIG_STREAM_REC_TRAILER;
+	}
+	return 0;
+}
+
 /* Feed @len bytes of @buf to the receiver; expect a clean failure. */
 static void feed_expect_error(const uint8_t *buf, size_t len, const char *what)
 {
@@ -960,6 +998,33 @@ START_TEST(damaged_streams_fail_cleanly)
 		copy[bit / 8] ^= 1u << (bit % 8);
 		snprintf(what, sizeof(what), "bit %zu flipped", bit);
 		feed_expect_error(copy, saved_len, what);
+	}
+	/*
+	 * A page damaged on the way looks torn (LIVE_PAGES: its own
+	 * checksum), and is never sent again: the destination refuses at the
+	 * switchover, saying so.
+	 */
+	{
+		uint32_t plen = 0;
+		size_t at = first_live_payload(saved, saved_len, &plen);
+		struct dst_ctx d = { .paused = true, .live = false };
+		int sv[2];
+
+		ck_assert_msg(at > 0, "the saved stream has no page payload in a LIVE_PAGES record");
+		memcpy(copy, saved, saved_len);
+		copy[at + plen / 2] ^= 0x20;
+		ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+		ck_assert_int_eq(vmig_transport_from_fds(sv[0], sv[0], &d.t), 0);
+		ck_assert_int_eq(pthread_create(&d.thread, NULL, dst_main, &d), 0);
+		ck_assert_int_eq(write(sv[1], copy, saved_len), (ssize_t)saved_len);
+		shutdown(sv[1], SHUT_WR);
+		pthread_join(d.thread, NULL);
+		close(sv[1]);
+		ck_assert_int_eq(d.ret, -EBADMSG);
+		ck_assert(d.vm == NULL);
+		ck_assert_msg(strstr(d.err.msg, "1 page arrived damaged and was never sent again"),
+			      "%s", d.err.msg);
+		ck_assert_uint_eq(d.rs.pages_torn, 1);
 	}
 	free(copy);
 	free(saved);

@@ -428,6 +428,24 @@ static int out_append(struct vmig_stream_writer *w, const void *p, size_t len)
 }
 
 /*
+ * Send @iov (what is buffered, then a record of @total bytes) with one
+ * writev, timing it for the link rate.
+ */
+static int send_now(struct vmig_stream_writer *w, const struct iovec *iov, int n,
+		    size_t total)
+{
+	uint64_t t0 = mono_ns();
+	int ret = vmig_transport_writev_full(w->t, iov, n);
+
+	if (ret < 0)
+		return writer_fail(w, ret);
+	link_note(w, w->out_len + total, mono_ns() - t0);
+	w->stats.bytes += w->out_len + total;
+	w->out_len = 0;
+	return 0;
+}
+
+/*
  * Frame a record whose body is the @n pieces of @body, and buffer or send
  * it.  The caller has checked type, flags and length.
  */
@@ -437,7 +455,6 @@ static int emit(struct vmig_stream_writer *w, uint32_t type, uint32_t flags,
 	uint8_t hdr[VMIG_STREAM_REC_HEADER], tail[8 + VMIG_STREAM_REC_TRAILER];
 	struct iovec iov[8];
 	size_t len = 0, pad, total;
-	uint64_t t0;
 	uint32_t crc;
 	int i, k = 0, ret;
 
@@ -476,13 +493,9 @@ static int emit(struct vmig_stream_writer *w, uint32_t type, uint32_t flags,
 		for (i = 0; i < n; i++)
 			iov[k++] = body[i];
 		iov[k++] = (struct iovec){ tail, pad + VMIG_STREAM_REC_TRAILER };
-		t0 = mono_ns();
-		ret = vmig_transport_writev_full(w->t, iov, k);
+		ret = send_now(w, iov, k, total);
 		if (ret < 0)
-			return writer_fail(w, ret);
-		link_note(w, w->out_len + total, mono_ns() - t0);
-		w->stats.bytes += w->out_len + total;
-		w->out_len = 0;
+			return ret;
 	}
 	w->offset += total;
 	w->stats.records++;
@@ -821,7 +834,6 @@ static int flush_live(struct vmig_stream_writer *w)
 	size_t len = head + w->body_payload, pad = pad8(len);
 	size_t total = VMIG_STREAM_REC_HEADER + len + pad + VMIG_STREAM_REC_TRAILER;
 	struct iovec *iov = w->piece;
-	uint64_t t0;
 	uint32_t crc;
 	int i, k, ret;
 
@@ -854,13 +866,9 @@ static int flush_live(struct vmig_stream_writer *w)
 		if (w->out_len)
 			iov[--k] = (struct iovec){ w->out, w->out_len };
 		iov[PIECE_BASE + w->npieces] = (struct iovec){ tail, pad + VMIG_STREAM_REC_TRAILER };
-		t0 = mono_ns();
-		ret = vmig_transport_writev_full(w->t, iov + k, PIECE_BASE + w->npieces + 1 - k);
+		ret = send_now(w, iov + k, PIECE_BASE + w->npieces + 1 - k, total);
 		if (ret < 0)
-			return writer_fail(w, ret);
-		link_note(w, w->out_len + total, mono_ns() - t0);
-		w->stats.bytes += w->out_len + total;
-		w->out_len = 0;
+			return ret;
 	}
 	w->offset += total;
 	w->stats.records++;

@@ -370,51 +370,6 @@ int vmig_transport_read_full(struct vmig_transport *t, void *buf, size_t len)
 
 #define IOV_BATCH 64
 
-int vmig_transport_readv_full(struct vmig_transport *t, const struct iovec *iov,
-			      int iovcnt)
-{
-	struct iovec local[IOV_BATCH];
-
-	if (!t->ops->readv) {
-		for (int i = 0; i < iovcnt; i++) {
-			int ret = vmig_transport_read_full(t, iov[i].iov_base, iov[i].iov_len);
-
-			if (ret < 0)
-				return ret;
-		}
-		return 0;
-	}
-	/* As vmig_transport_writev_full(): a copy, in batches. */
-	while (iovcnt > 0) {
-		int cnt = 0;
-
-		while (cnt < IOV_BATCH && iovcnt > 0) {
-			if (iov->iov_len)
-				local[cnt++] = *iov;
-			iov++;
-			iovcnt--;
-		}
-		for (int i = 0; i < cnt;) {
-			ssize_t n = t->ops->readv(t, local + i, cnt - i);
-
-			if (n < 0)
-				return (int)n;
-			if (n == 0)
-				return -EPIPE;
-			t->bytes_read += (uint64_t)n;
-			while (i < cnt && (size_t)n >= local[i].iov_len) {
-				n -= (ssize_t)local[i].iov_len;
-				i++;
-			}
-			if (i < cnt) {
-				local[i].iov_base = (char *)local[i].iov_base + n;
-				local[i].iov_len -= (size_t)n;
-			}
-		}
-	}
-	return 0;
-}
-
 int vmig_transport_write_full(struct vmig_transport *t, const void *buf,
 			      size_t len)
 {
@@ -436,23 +391,30 @@ int vmig_transport_write_full(struct vmig_transport *t, const void *buf,
 	return 0;
 }
 
-int vmig_transport_writev_full(struct vmig_transport *t,
-			       const struct iovec *iov, int iovcnt)
+/*
+ * readv/writev until all of @iov is done, on a copy of the array (the
+ * caller's stays intact), in batches; per buffer if the backend has no
+ * vectored op.
+ */
+static int iov_full(struct vmig_transport *t, const struct iovec *iov, int iovcnt,
+		    bool write)
 {
+	ssize_t (*op)(struct vmig_transport *, const struct iovec *, int) =
+		write ? t->ops->writev : t->ops->readv;
 	struct iovec local[IOV_BATCH];
 
-	if (!t->ops->writev) {
+	if (!op) {
 		for (int i = 0; i < iovcnt; i++) {
-			int ret = vmig_transport_write_full(t, iov[i].iov_base,
-							    iov[i].iov_len);
+			int ret = write ? vmig_transport_write_full(t, iov[i].iov_base,
+								    iov[i].iov_len) :
+					  vmig_transport_read_full(t, iov[i].iov_base,
+								   iov[i].iov_len);
 
 			if (ret < 0)
 				return ret;
 		}
 		return 0;
 	}
-
-	/* Work on a copy, in batches, so the caller's array stays intact. */
 	while (iovcnt > 0) {
 		int cnt = 0;
 
@@ -463,15 +425,20 @@ int vmig_transport_writev_full(struct vmig_transport *t,
 			iovcnt--;
 		}
 		for (int i = 0; i < cnt;) {
-			ssize_t n = t->ops->writev(t, local + i, cnt - i);
+			ssize_t n = op(t, local + i, cnt - i);
 
 			if (n < 0)
 				return (int)n;
+			if (n == 0 && !write)
+				return -EPIPE;
 			if (n == 0) {
 				vmig__transport_fail(t, -EIO, "write made no progress");
 				return -EIO;
 			}
-			t->bytes_written += (uint64_t)n;
+			if (write)
+				t->bytes_written += (uint64_t)n;
+			else
+				t->bytes_read += (uint64_t)n;
 			while (i < cnt && (size_t)n >= local[i].iov_len) {
 				n -= (ssize_t)local[i].iov_len;
 				i++;
@@ -483,6 +450,18 @@ int vmig_transport_writev_full(struct vmig_transport *t,
 		}
 	}
 	return 0;
+}
+
+int vmig_transport_writev_full(struct vmig_transport *t,
+			       const struct iovec *iov, int iovcnt)
+{
+	return iov_full(t, iov, iovcnt, true);
+}
+
+int vmig_transport_readv_full(struct vmig_transport *t, const struct iovec *iov,
+			      int iovcnt)
+{
+	return iov_full(t, iov, iovcnt, false);
 }
 
 int vmig_transport_shutdown_write(struct vmig_transport *t)

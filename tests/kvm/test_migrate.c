@@ -935,16 +935,16 @@ static size_t first_live_payload(const uint8_t *buf, size_t len, uint32_t *plen_
 	return 0;
 }
 
-/* Feed @len bytes of @buf to the receiver; expect a clean failure. */
-static void feed_expect_error(const uint8_t *buf, size_t len, const char *what)
+/* Feed @len bytes of @buf to a receiver in a thread; its result in @d. */
+static void feed(const uint8_t *buf, size_t len, struct dst_ctx *d)
 {
-	struct dst_ctx d = { .paused = true, .live = false };
 	int sv[2];
 	size_t off = 0;
 
+	*d = (struct dst_ctx){ .paused = true, .live = false };
 	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-	ck_assert_int_eq(vmig_transport_from_fds(sv[0], sv[0], &d.t), 0);
-	ck_assert_int_eq(pthread_create(&d.thread, NULL, dst_main, &d), 0);
+	ck_assert_int_eq(vmig_transport_from_fds(sv[0], sv[0], &d->t), 0);
+	ck_assert_int_eq(pthread_create(&d->thread, NULL, dst_main, d), 0);
 	while (off < len) {
 		ssize_t n = write(sv[1], buf + off, len - off);
 
@@ -953,8 +953,16 @@ static void feed_expect_error(const uint8_t *buf, size_t len, const char *what)
 		off += n;
 	}
 	shutdown(sv[1], SHUT_WR);
-	pthread_join(d.thread, NULL);
+	pthread_join(d->thread, NULL);
 	close(sv[1]);
+}
+
+/* Feed @len bytes of @buf to the receiver; expect a clean failure. */
+static void feed_expect_error(const uint8_t *buf, size_t len, const char *what)
+{
+	struct dst_ctx d;
+
+	feed(buf, len, &d);
 	ck_assert_msg(d.ret < 0, "%s: accepted", what);
 	ck_assert_msg(d.vm == NULL, "%s: a VM was left behind", what);
 	ck_assert_msg(d.err.msg[0], "%s: no message (ret %d)", what, d.ret);
@@ -970,16 +978,9 @@ START_TEST(damaged_streams_fail_cleanly)
 	make_saved_stream();
 	/* The intact stream loads: the damage is what fails below. */
 	{
-		struct dst_ctx d = { .paused = true, .live = false };
-		int sv[2];
+		struct dst_ctx d;
 
-		ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-		ck_assert_int_eq(vmig_transport_from_fds(sv[0], sv[0], &d.t), 0);
-		ck_assert_int_eq(pthread_create(&d.thread, NULL, dst_main, &d), 0);
-		ck_assert_int_eq(write(sv[1], saved, saved_len), (ssize_t)saved_len);
-		shutdown(sv[1], SHUT_WR);
-		pthread_join(d.thread, NULL);
-		close(sv[1]);
+		feed(saved, saved_len, &d);
 		ck_assert_msg(d.ret == 0, "intact stream refused: %s", d.err.msg);
 		vmig_vm_destroy(d.vm);
 	}
@@ -1007,19 +1008,12 @@ START_TEST(damaged_streams_fail_cleanly)
 	{
 		uint32_t plen = 0;
 		size_t at = first_live_payload(saved, saved_len, &plen);
-		struct dst_ctx d = { .paused = true, .live = false };
-		int sv[2];
+		struct dst_ctx d;
 
 		ck_assert_msg(at > 0, "the saved stream has no page payload in a LIVE_PAGES record");
 		memcpy(copy, saved, saved_len);
 		copy[at + plen / 2] ^= 0x20;
-		ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-		ck_assert_int_eq(vmig_transport_from_fds(sv[0], sv[0], &d.t), 0);
-		ck_assert_int_eq(pthread_create(&d.thread, NULL, dst_main, &d), 0);
-		ck_assert_int_eq(write(sv[1], copy, saved_len), (ssize_t)saved_len);
-		shutdown(sv[1], SHUT_WR);
-		pthread_join(d.thread, NULL);
-		close(sv[1]);
+		feed(copy, saved_len, &d);
 		ck_assert_int_eq(d.ret, -EBADMSG);
 		ck_assert(d.vm == NULL);
 		ck_assert_msg(strstr(d.err.msg, "1 page arrived damaged and was never sent again"),

@@ -17,6 +17,7 @@ enum {
 	OPT_REMOTE_VMIG = 256,
 	OPT_KNOWN_HOSTS,
 	OPT_ACCEPT_NEW,
+	OPT_CONFIG_DIR,
 };
 
 int cmd_libvirt_serve(int argc, char **argv)
@@ -27,6 +28,7 @@ int cmd_libvirt_serve(int argc, char **argv)
 		{ "known-hosts",  required_argument, NULL, OPT_KNOWN_HOSTS },
 		{ "identity",     required_argument, NULL, 'i' },
 		{ "accept-new-host-key", no_argument, NULL, OPT_ACCEPT_NEW },
+		{ "config-dir",   required_argument, NULL, OPT_CONFIG_DIR },
 		{ "help",         no_argument,       NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -60,16 +62,25 @@ int cmd_libvirt_serve(int argc, char **argv)
 		case OPT_ACCEPT_NEW:
 			o.accept_new_host_key = true;
 			break;
+		case OPT_CONFIG_DIR:
+			if (optarg[0] != '/')
+				return cli_usage_error("libvirt-serve", "--config-dir needs an "
+						       "absolute path");
+			o.config_dir = optarg;
+			break;
 		case 'h':
-			printf("Usage: vmig libvirt-serve [--socket PATH] [--remote-vmig CMD]\n"
-			       "                          [--known-hosts FILE] [--identity FILE]\n"
-			       "                          [--accept-new-host-key]\n\n"
+			printf("Usage: vmig libvirt-serve [--socket PATH] [--config-dir DIR]\n"
+			       "                          [--remote-vmig CMD] [--known-hosts FILE]\n"
+			       "                          [--identity FILE] [--accept-new-host-key]\n\n"
 			       "Serve libvirt's RPC protocol for the VMs of the run directory, so that\n"
 			       "virsh and libvirt clients list, control and migrate them:\n"
 			       "  virsh -c 'vmig+unix:///system?socket=PATH' list\n"
 			       "Runs until SIGINT or SIGTERM; also started by systemd with a socket\n"
 			       "(LISTEN_FDS).  See vmig-libvirt(1).\n\n"
 			       "  -s, --socket PATH      listen here (default RUN_DIR/libvirt-sock)\n"
+			       "      --config-dir DIR   keep domain definitions (virsh define) here\n"
+			       "                         (default /var/lib/vmig/libvirt/domains for root,\n"
+			       "                         else $XDG_CONFIG_HOME/vmig/libvirt/domains)\n"
 			       "Peer-to-peer migrations (virsh migrate --p2p) go over SSH:\n"
 			       "      --remote-vmig CMD  run CMD instead of 'vmig' on the destination\n"
 			       "      --known-hosts FILE check destinations' host keys in FILE\n"

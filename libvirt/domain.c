@@ -1,14 +1,17 @@
 /*
  * The libvirt procedures vmig serves, each on its call's thread.
  *
- * A libvirt "domain" is a vmig VM of the run directory: NAME.sock answers
- * its control protocol.  Nothing is cached: every call asks the VMs
- * (status, pause, resume, stop, migrate, cancel), so what virsh shows is
- * what `vmig status` shows; the one exception is the job statistics of a
- * migration this endpoint runs, answered from its progress events (the
- * VMM's control thread is busy while the migration connects).  Identity: the name; the id is the VMM's pid;
- * the UUID is derived from the name (the same on every host, so a VM
- * keeps it across a migration unless renamed).
+ * A libvirt "domain" is a vmig VM of the run directory (NAME.sock answers
+ * its control protocol), a persistent definition in the config directory
+ * (NAME.xml, see "Persistent definitions"), or both.  Nothing is cached:
+ * every call asks the VMs (status, pause, resume, stop, migrate, cancel)
+ * and reads the definitions, so what virsh shows is what `vmig status`
+ * shows; the one exception is the job statistics of a migration this
+ * endpoint runs, answered from its progress events (the VMM's control
+ * thread is busy while the migration connects).  Identity: the name; the
+ * id is the VMM's pid (-1 when not running); the UUID is the definition's,
+ * else derived from the name (the same on every host, so a VM keeps it
+ * across a migration unless renamed).
  *
  * Peer-to-peer migration (migrate-perform3-params with
  * VIR_MIGRATE_PEER2PEER) becomes one `migrate` request to the VM: the
@@ -46,6 +49,7 @@
 
 #include "vmig/migrate.h"
 #include "vmig/util.h"
+#include "vmig/vm.h"
 #include "libvirt-internal.h"
 
 /* Procedure numbers: libvirt's, for the procedures we serve. */
@@ -57,7 +61,9 @@ enum {
 	P_CONNECT_GET_MAX_VCPUS = 5,
 	P_NODE_GET_INFO = 6,
 	P_CONNECT_GET_CAPABILITIES = 7,
+	P_DOMAIN_CREATE = 9,
 	P_DOMAIN_CREATE_XML = 10,
+	P_DOMAIN_DEFINE_XML = 11,
 	P_DOMAIN_DESTROY = 12,
 	P_DOMAIN_GET_XML_DESC = 14,
 	P_DOMAIN_GET_AUTOSTART = 15,
@@ -73,6 +79,7 @@ enum {
 	P_DOMAIN_RESUME = 28,
 	P_DOMAIN_SHUTDOWN = 33,
 	P_DOMAIN_SUSPEND = 34,
+	P_DOMAIN_UNDEFINE = 35,
 	P_CONNECT_LIST_DOMAINS = 37,
 	P_CONNECT_NUM_OF_DOMAINS = 51,
 	P_CONNECT_GET_HOSTNAME = 59,
@@ -87,17 +94,20 @@ enum {
 	P_DOMAIN_ABORT_JOB = 164,
 	P_DOMAIN_MIGRATE_SET_MAX_DOWNTIME = 166,
 	P_DOMAIN_HAS_MANAGED_SAVE_IMAGE = 183,
+	P_DOMAIN_CREATE_WITH_FLAGS = 196,
 	P_DOMAIN_GET_VCPUS_FLAGS = 200,
 	P_DOMAIN_IS_UPDATED = 202,
 	P_DOMAIN_MIGRATE_SET_MAX_SPEED = 207,
 	P_DOMAIN_GET_STATE = 212,
 	P_DOMAIN_GET_CONTROL_INFO = 229,
+	P_DOMAIN_UNDEFINE_FLAGS = 231,
 	P_DOMAIN_DESTROY_FLAGS = 234,
 	P_DOMAIN_MIGRATE_GET_MAX_SPEED = 242,
 	P_DOMAIN_SHUTDOWN_FLAGS = 258,
 	P_CONNECT_LIST_ALL_DOMAINS = 273,
 	P_DOMAIN_GET_JOB_STATS = 298,
 	P_DOMAIN_MIGRATE_PERFORM3_PARAMS = 305,
+	P_DOMAIN_DEFINE_XML_FLAGS = 350,
 };
 
 /* Driver features (libvirt's virDrvFeature numbers) and our answers. */
@@ -329,55 +339,87 @@ static void vm_state(struct json_object *st, int *state, int *reason)
 	}
 }
 
+static void st_uuid(struct json_object *st, const char *name, unsigned char u[16]);
+
+/* The domain of status @st (from dom_status()). */
 static void vm_domain(struct json_object *st, const char *name, struct lv_domain *d)
 {
 	d->name = (char *)name;
-	name_uuid(name, d->uuid);
+	st_uuid(st, name, d->uuid);
 	d->id = vm_active(st) ? (int32_t)ju64(st, "pid") : -1;
 }
 
-/* The names of the VMs with a socket in the run directory, sorted. */
 static int cmp_str(const void *a, const void *b)
 {
 	return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-static int list_names(struct lv_server *s, char ***out, size_t *n)
+/* Add to @names the VM names of @dir's files named NAME@suffix. */
+static int scan_dir(const char *dir, const char *suffix, char ***names, size_t *n,
+		    size_t *cap)
 {
-	char **names = NULL;
-	size_t cap = 0;
+	size_t slen = strlen(suffix);
 	struct dirent *de;
-	DIR *d = opendir(s->run_dir);
+	DIR *d = opendir(dir);
 
-	*n = 0;
-	*out = NULL;
 	if (!d)
 		return errno == ENOENT ? 0 : -errno;
 	while ((de = readdir(d))) {
 		size_t len = strlen(de->d_name);
 		char *name;
 
-		if (len < 6 || strcmp(de->d_name + len - 5, ".sock"))
+		if (len <= slen || strcmp(de->d_name + len - slen, suffix))
 			continue;
-		name = strndup(de->d_name, len - 5);
+		name = strndup(de->d_name, len - slen);
 		if (!name || vmig_vm_name_valid(name) < 0) {
 			free(name);
 			continue;
 		}
-		if (*n == cap) {
-			char **nn = realloc(names, (cap = cap ? cap * 2 : 16) * sizeof(*nn));
+		if (*n == *cap) {
+			char **nn = realloc(*names, (*cap = *cap ? *cap * 2 : 16) * sizeof(*nn));
 
 			if (!nn) {
 				free(name);
 				break;
 			}
-			names = nn;
+			*names = nn;
 		}
-		names[(*n)++] = name;
+		(*names)[(*n)++] = name;
 	}
 	closedir(d);
+	return 0;
+}
+
+/* The names of the domains, sorted: the VMs with a socket in the run
+ * directory and the definitions in the config directory. */
+static int list_names(struct lv_server *s, char ***out, size_t *n)
+{
+	char **names = NULL;
+	size_t cap = 0, i, j;
+	int ret;
+
+	*n = 0;
+	*out = NULL;
+	ret = scan_dir(s->run_dir, ".sock", &names, n, &cap);
+	if (ret == 0)
+		ret = scan_dir(s->config_dir, ".xml", &names, n, &cap);
+	if (ret < 0) {
+		for (i = 0; i < *n; i++)
+			free(names[i]);
+		free(names);
+		*n = 0;
+		return ret;
+	}
 	if (*n)
 		qsort(names, *n, sizeof(*names), cmp_str);
+	/* A defined VM that runs is there twice. */
+	for (i = j = 0; i < *n; i++) {
+		if (j && !strcmp(names[j - 1], names[i]))
+			free(names[i]);
+		else
+			names[j++] = names[i];
+	}
+	*n = j;
 	*out = names;
 	return 0;
 }
@@ -391,8 +433,492 @@ static void free_names(char **names, size_t n)
 	free(names);
 }
 
-/* Decode a domain argument and fetch its VM's status: 0, or -1 with
- * VIR_ERR_NO_DOMAIN. */
+/* ------------------------------------------------------------------------
+ * Reading domain XML
+ */
+
+/* XML-unescape @s (the five predefined entities and &#N;/&#xN;) in place. */
+static void xml_unescape(char *s)
+{
+	static const struct { const char *e; char c; } ents[] = {
+		{ "&amp;", '&' }, { "&lt;", '<' }, { "&gt;", '>' }, { "&apos;", '\'' },
+		{ "&quot;", '"' },
+	};
+	char *o = s;
+	size_t i;
+
+	while (*s) {
+		bool done = false;
+
+		if (*s == '&') {
+			for (i = 0; i < sizeof(ents) / sizeof(ents[0]) && !done; i++) {
+				size_t n = strlen(ents[i].e);
+
+				if (!strncmp(s, ents[i].e, n)) {
+					*o++ = ents[i].c;
+					s += n;
+					done = true;
+				}
+			}
+			if (!done && s[1] == '#') {
+				char *end;
+				unsigned long v = s[2] == 'x' ? strtoul(s + 3, &end, 16) :
+						  strtoul(s + 2, &end, 10);
+
+				if (*end == ';' && v > 0 && v < 128) {
+					*o++ = (char)v;
+					s = end + 1;
+					done = true;
+				}
+			}
+		}
+		if (!done)
+			*o++ = *s++;
+	}
+	*o = 0;
+}
+
+/*
+ * The text of the first element named @name (local name, any prefix) after
+ * @from in @xml, unescaped, in @out; its attributes in @attrs.  A small
+ * reader for the few elements vmig takes from domain XML, not a general
+ * XML parser: comments and CDATA are not understood.  Returns 0, -ENOENT,
+ * or -EINVAL for a malformed or over-long element.
+ */
+static int xml_elem(const char *xml, const char *name, char *out, size_t len,
+		    char *attrs, size_t alen)
+{
+	const char *p = xml;
+	size_t n = strlen(name);
+
+	while ((p = strchr(p, '<'))) {
+		const char *tag = p + 1, *colon, *gt, *end, *local = tag;
+
+		p++;
+		if (*tag == '/' || *tag == '!' || *tag == '?')
+			continue;
+		gt = strchr(tag, '>');
+		if (!gt)
+			return -EINVAL;
+		colon = memchr(tag, ':', (size_t)(strcspn(tag, " \t\r\n/>")));
+		if (colon)
+			local = colon + 1;
+		if (strncmp(local, name, n) || !strchr(" \t\r\n/>", local[n]))
+			continue;
+		if (attrs) {
+			size_t a = (size_t)(gt - (local + n));
+
+			if (a >= alen)
+				return -EINVAL;
+			memcpy(attrs, local + n, a);
+			attrs[a] = 0;
+		}
+		if (gt[-1] == '/') {              /* <name/> */
+			out[0] = 0;
+			return 0;
+		}
+		end = strchr(gt + 1, '<');
+		if (!end || (size_t)(end - gt - 1) >= len)
+			return -EINVAL;
+		memcpy(out, gt + 1, (size_t)(end - gt - 1));
+		out[end - gt - 1] = 0;
+		xml_unescape(out);
+		return 0;
+	}
+	return -ENOENT;
+}
+
+/* The value of attribute @name in @attrs ("" if absent). */
+static void xml_attr(const char *attrs, const char *name, char *out, size_t len)
+{
+	const char *p = attrs;
+	size_t n = strlen(name);
+
+	out[0] = 0;
+	while ((p = strstr(p, name))) {
+		const char *q = p + n;
+		char quote;
+		const char *end;
+
+		if ((p != attrs && !strchr(" \t\r\n", p[-1])) || (*q != '=')) {
+			p += n;
+			continue;
+		}
+		quote = q[1];
+		if (quote != '\'' && quote != '"')
+			return;
+		end = strchr(q + 2, quote);
+		if (!end || (size_t)(end - q - 2) >= len)
+			return;
+		memcpy(out, q + 2, (size_t)(end - q - 2));
+		out[end - q - 2] = 0;
+		return;
+	}
+}
+
+/* libvirt's memory units to bytes per unit; 0 if unknown. */
+static uint64_t unit_bytes(const char *u)
+{
+	static const struct { const char *u; uint64_t b; } units[] = {
+		{ "", 1024 }, { "b", 1 }, { "bytes", 1 }, { "KB", 1000 }, { "k", 1024 },
+		{ "KiB", 1024 }, { "MB", 1000000 }, { "M", 1048576 }, { "MiB", 1048576 },
+		{ "GB", 1000000000 }, { "G", 1073741824 }, { "GiB", 1073741824 },
+		{ "TB", 1000000000000ull }, { "T", 1099511627776ull },
+		{ "TiB", 1099511627776ull },
+	};
+	size_t i;
+
+	for (i = 0; i < sizeof(units) / sizeof(units[0]); i++)
+		if (!strcmp(u, units[i].u))
+			return units[i].b;
+	return 0;
+}
+
+/* ------------------------------------------------------------------------
+ * Domain XML: what vmig takes from it
+ */
+
+/* What a domain's XML asks for, as `vmig run` arguments. */
+struct dom_spec {
+	char name[128];
+	char mem_arg[32];           /* "NK" */
+	uint64_t mem_kib;
+	char vcpus[16];
+	char kernel[1024], initrd[1024], cmdline[2048], workload[256];
+	bool has_uuid;
+	unsigned char uuid[16];
+};
+
+/* Parse a UUID as libvirt does: 32 hex digits, dashes anywhere, blanks
+ * around.  0 or -EINVAL. */
+static int uuid_parse(const char *s, unsigned char u[16])
+{
+	unsigned int i = 0;
+
+	while (isspace((unsigned char)*s))
+		s++;
+	for (; *s && !isspace((unsigned char)*s); s++) {
+		int v;
+
+		if (*s == '-')
+			continue;
+		if (!isxdigit((unsigned char)*s) || i == 32)
+			return -EINVAL;
+		v = isdigit((unsigned char)*s) ? *s - '0' : tolower((unsigned char)*s) - 'a' + 10;
+		if (i % 2 == 0)
+			u[i / 2] = (unsigned char)(v << 4);
+		else
+			u[i / 2] |= (unsigned char)v;
+		i++;
+	}
+	while (isspace((unsigned char)*s))
+		s++;
+	return i == 32 && !*s ? 0 : -EINVAL;
+}
+
+/*
+ * Read what vmig takes from domain XML @xml into @sp: 0, or a libvirt
+ * error code with the reason in @msg.  create-xml and define-xml take the
+ * same XML, so a definition starts as `virsh create` would have.
+ */
+static int parse_spec(const char *xml, struct dom_spec *sp, char *msg, size_t len)
+{
+	char mem[64], attrs[256], unit[16], uuid[80];
+	uint64_t ub, amount;
+	unsigned long v;
+	char *end;
+	int ret;
+
+	memset(sp, 0, sizeof(*sp));
+	snprintf(sp->vcpus, sizeof(sp->vcpus), "1");
+	if (xml_elem(xml, "domain", sp->name, sizeof(sp->name), attrs, sizeof(attrs)) == -ENOENT) {
+		snprintf(msg, len, "no <domain> element");
+		return VIR_ERR_XML_ERROR;
+	}
+	if (strstr(xml, "<disk") || strstr(xml, "<interface") || strstr(xml, "<hostdev")) {
+		snprintf(msg, len, "vmig VMs have no disks, network interfaces or host devices: "
+			 "remove them from the XML");
+		return VIR_ERR_ARGUMENT_UNSUPPORTED;
+	}
+	if (xml_elem(xml, "name", sp->name, sizeof(sp->name), NULL, 0) < 0 ||
+	    vmig_vm_name_valid(sp->name) < 0) {
+		snprintf(msg, len, "a <name> of 1-64 letters, digits, '.', '_' or '-' is needed");
+		return VIR_ERR_XML_ERROR;
+	}
+	ret = xml_elem(xml, "uuid", uuid, sizeof(uuid), NULL, 0);
+	if (ret == -EINVAL || (ret == 0 && uuid_parse(uuid, sp->uuid) < 0)) {
+		snprintf(msg, len, "bad <uuid>: give 32 hex digits, as in "
+			 "01234567-89ab-cdef-0123-456789abcdef");
+		return VIR_ERR_XML_ERROR;
+	}
+	sp->has_uuid = ret == 0;
+	if (xml_elem(xml, "memory", mem, sizeof(mem), attrs, sizeof(attrs)) < 0) {
+		snprintf(msg, len, "a <memory> element is needed");
+		return VIR_ERR_XML_ERROR;
+	}
+	xml_attr(attrs, "unit", unit, sizeof(unit));
+	ub = unit_bytes(unit);
+	errno = 0;
+	amount = strtoull(mem, &end, 10);
+	if (!ub || errno || end == mem || *end || amount > UINT64_MAX / ub / 2) {
+		snprintf(msg, len, "bad <memory unit='%s'>%s</memory>", unit, mem);
+		return VIR_ERR_XML_ERROR;
+	}
+	sp->mem_kib = (amount * ub + 1023) / 1024;
+	snprintf(sp->mem_arg, sizeof(sp->mem_arg), "%" PRIu64 "K", sp->mem_kib);
+	ret = xml_elem(xml, "vcpu", sp->vcpus, sizeof(sp->vcpus), NULL, 0);
+	errno = 0;
+	v = strtoul(sp->vcpus, &end, 10);
+	if (ret == -EINVAL || errno || end == sp->vcpus || *end || v < 1 ||
+	    v > VMIG_VM_MAX_VCPUS) {
+		snprintf(msg, len, "bad <vcpu>: give a number from 1 to %u", VMIG_VM_MAX_VCPUS);
+		return VIR_ERR_XML_ERROR;
+	}
+	xml_elem(xml, "kernel", sp->kernel, sizeof(sp->kernel), NULL, 0);
+	xml_elem(xml, "initrd", sp->initrd, sizeof(sp->initrd), NULL, 0);
+	xml_elem(xml, "cmdline", sp->cmdline, sizeof(sp->cmdline), NULL, 0);
+	if (strstr(xml, XML_NS))
+		xml_elem(strstr(xml, XML_NS), "workload", sp->workload, sizeof(sp->workload),
+			 NULL, 0);
+	if ((sp->initrd[0] || sp->cmdline[0]) && !sp->kernel[0]) {
+		snprintf(msg, len, "<initrd> and <cmdline> need a <kernel>");
+		return VIR_ERR_XML_ERROR;
+	}
+	if ((sp->kernel[0] && sp->kernel[0] != '/') || (sp->initrd[0] && sp->initrd[0] != '/')) {
+		snprintf(msg, len, "<kernel> and <initrd> must be absolute paths");
+		return VIR_ERR_XML_ERROR;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------------
+ * Persistent definitions (virsh define)
+ *
+ * One file per domain, CONFIG_DIR/NAME.xml: the XML as defined, with a
+ * <uuid> added when it had none (the UUID the name gives a transient VM,
+ * so a running VM keeps its UUID when undefined).  Like the VMs, they are
+ * read at every call, never cached; srv->defs_lock makes "is the name or
+ * UUID free?" and the define, undefine, start or create that follows one
+ * step.  A domain is the union: a definition with no VM running is
+ * "shut off"; a VM with no definition is transient.
+ */
+
+/* Largest definition: its XML must fit a dumpxml reply. */
+#define DEF_XML_MAX (LV_REPLY_MAX - 4096)
+
+static int def_path(struct lv_server *s, const char *name, char *buf, size_t len)
+{
+	int n;
+
+	if (vmig_vm_name_valid(name) < 0)
+		return -EINVAL;
+	n = snprintf(buf, len, "%s/%s.xml", s->config_dir, name);
+	return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+}
+
+/* The XML of definition @name in *@xml (free()): 0, -ENOENT, or -errno. */
+static int def_read(struct lv_server *s, const char *name, char **xml)
+{
+	char path[4200], *buf;
+	size_t len = 0;
+	ssize_t n;
+	int fd, ret = 0;
+
+	*xml = NULL;
+	if (def_path(s, name, path, sizeof(path)) < 0)
+		return -ENOENT;
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	buf = malloc(DEF_XML_MAX + 1);
+	if (!buf) {
+		close(fd);
+		return -ENOMEM;
+	}
+	while (len < DEF_XML_MAX + 1) {
+		n = read(fd, buf + len, DEF_XML_MAX + 1 - len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			ret = -errno;
+			break;
+		}
+		if (n == 0)
+			break;
+		len += (size_t)n;
+	}
+	close(fd);
+	if (!ret && len > DEF_XML_MAX)
+		ret = -EFBIG;
+	if (ret) {
+		free(buf);
+		return ret;
+	}
+	buf[len] = 0;
+	*xml = buf;
+	return 0;
+}
+
+static void fsync_dir(const char *dir)
+{
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+	if (fd >= 0) {
+		fsync(fd);
+		close(fd);
+	}
+}
+
+/* Write definition @name atomically: a temporary file, fsync, rename, and
+ * the directory synced, so that a crash leaves the old file or the new
+ * one.  0 or -errno. */
+static int def_write(struct lv_server *s, const char *name, const char *xml)
+{
+	char path[4200], tmp[4300];
+	size_t len = strlen(xml), off = 0;
+	int fd, ret = 0;
+
+	if (def_path(s, name, path, sizeof(path)) < 0)
+		return -EINVAL;
+	snprintf(tmp, sizeof(tmp), "%s/.%s.xml.%ld.tmp", s->config_dir, name, (long)getpid());
+	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return -errno;
+	while (off < len) {
+		ssize_t n = write(fd, xml + off, len - off);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			ret = -errno;
+			break;
+		}
+		off += (size_t)n;
+	}
+	if (!ret && fsync(fd) < 0)
+		ret = -errno;
+	if (close(fd) < 0 && !ret)
+		ret = -errno;
+	if (!ret && rename(tmp, path) < 0)
+		ret = -errno;
+	if (ret) {
+		unlink(tmp);
+		return ret;
+	}
+	fsync_dir(s->config_dir);
+	return 0;
+}
+
+/* The UUID of domain status @st (dom_status() puts it there). */
+static void st_uuid(struct json_object *st, const char *name, unsigned char u[16])
+{
+	const char *s = jstr(st, "lv_uuid", NULL);
+
+	if (!s || uuid_parse(s, u) < 0)
+		name_uuid(name, u);
+}
+
+static bool st_persistent(struct json_object *st)
+{
+	struct json_object *v;
+
+	return json_object_object_get_ex(st, "lv_persistent", &v) && json_object_get_boolean(v);
+}
+
+/*
+ * Domain @name: its VM's status if it runs, else one made from its
+ * definition ("state": "stopped", memory and vcpus as defined); either
+ * way with "lv_persistent" and "lv_uuid" added.  0, or -ENOENT if there
+ * is neither VM nor definition.
+ */
+static int dom_status(struct lv_server *s, const char *name, struct json_object **st)
+{
+	char *xml = NULL, msg[256], uuid[37];
+	struct dom_spec sp;
+	bool defined = def_read(s, name, &xml) == 0, parsed = false;
+	unsigned char u[16];
+
+	if (defined) {
+		parsed = parse_spec(xml, &sp, msg, sizeof(msg)) == 0;
+		if (!parsed)
+			vmig_log(VMIG_LOG_WARN, "libvirt: the definition of '%s' in %s is "
+				 "broken: %s", name, s->config_dir, msg);
+	}
+	free(xml);
+	if (vm_status(s, name, st) < 0) {
+		if (!defined)
+			return -ENOENT;
+		*st = json_object_new_object();
+		if (!*st)
+			return -ENOMEM;
+		json_object_object_add(*st, "state", json_object_new_string("stopped"));
+		json_object_object_add(*st, "memory", json_object_new_uint64(
+			parsed ? sp.mem_kib * 1024 : 0));
+		json_object_object_add(*st, "vcpus", json_object_new_uint64(
+			parsed ? strtoul(sp.vcpus, NULL, 10) : 0));
+	}
+	if (parsed && sp.has_uuid)
+		memcpy(u, sp.uuid, 16);
+	else
+		name_uuid(name, u);
+	uuid_format(u, uuid);
+	json_object_object_add(*st, "lv_uuid", json_object_new_string(uuid));
+	json_object_object_add(*st, "lv_persistent", json_object_new_boolean(defined));
+	return 0;
+}
+
+/* Is @u the UUID of a domain other than @name?  Its name in @other. */
+static bool uuid_taken(struct lv_server *s, const unsigned char u[16], const char *name,
+		       char *other, size_t len)
+{
+	char **names;
+	size_t n, i;
+	bool taken = false;
+
+	if (list_names(s, &names, &n) < 0)
+		return false;
+	for (i = 0; i < n && !taken; i++) {
+		struct json_object *st;
+		unsigned char v[16];
+
+		if (!strcmp(names[i], name) || dom_status(s, names[i], &st) < 0)
+			continue;
+		st_uuid(st, names[i], v);
+		if (!memcmp(u, v, 16)) {
+			taken = true;
+			snprintf(other, len, "%s", names[i]);
+		}
+		json_object_put(st);
+	}
+	free_names(names, n);
+	return taken;
+}
+
+/* @xml with "<uuid>@u</uuid>" added after the <name> element, where
+ * libvirt puts it (else after the <domain> start tag); free(), or NULL. */
+static char *xml_add_uuid(const char *xml, const unsigned char u[16])
+{
+	const char *dom = strstr(xml, "<domain"), *gt = dom ? strchr(dom, '>') : NULL;
+	const char *name_end = gt ? strstr(gt, "</name>") : NULL;
+	char uuid[37], *out;
+	size_t head;
+
+	if (!gt)
+		return NULL;
+	if (name_end)
+		gt = name_end + strlen("</name>") - 1;
+	uuid_format(u, uuid);
+	head = (size_t)(gt + 1 - xml);
+	out = malloc(strlen(xml) + 64);
+	if (!out)
+		return NULL;
+	memcpy(out, xml, head);
+	sprintf(out + head, "\n  <uuid>%s</uuid>%s", uuid, gt + 1);
+	return out;
+}
+
+/* Decode a domain argument and fetch its status (dom_status()): 0, or -1
+ * with VIR_ERR_NO_DOMAIN. */
 static int arg_domain(struct lv_call *c, struct lv_domain *d, struct json_object **st)
 {
 	memset(d, 0, sizeof(*d));
@@ -400,9 +926,9 @@ static int arg_domain(struct lv_call *c, struct lv_domain *d, struct json_object
 		vmig__lv_domain_fini(d);
 		return bad_args(c);
 	}
-	if (vm_status(c->srv, d->name, st) < 0) {
-		vmig__lv_fail(c, VIR_ERR_NO_DOMAIN, "no VM named '%s' runs "
-			      "in %s", d->name, c->srv->run_dir);
+	if (dom_status(c->srv, d->name, st) < 0) {
+		vmig__lv_fail(c, VIR_ERR_NO_DOMAIN, "no VM named '%s' runs in %s or is "
+			      "defined in %s", d->name, c->srv->run_dir, c->srv->config_dir);
 		vmig__lv_domain_fini(d);
 		return -1;
 	}
@@ -625,7 +1151,8 @@ static bool list_filter(struct json_object *st, unsigned int flags)
 	if ((flags & ((a) | (b))) && !((flags & (a) && (va)) || (flags & (b) && (vb)))) \
 		return false;
 	GROUP(VIR_CONNECT_LIST_DOMAINS_ACTIVE, VIR_CONNECT_LIST_DOMAINS_INACTIVE, active, !active);
-	GROUP(VIR_CONNECT_LIST_DOMAINS_PERSISTENT, VIR_CONNECT_LIST_DOMAINS_TRANSIENT, false, true);
+	GROUP(VIR_CONNECT_LIST_DOMAINS_PERSISTENT, VIR_CONNECT_LIST_DOMAINS_TRANSIENT,
+	      st_persistent(st), !st_persistent(st));
 	GROUP(VIR_CONNECT_LIST_DOMAINS_MANAGEDSAVE, VIR_CONNECT_LIST_DOMAINS_NO_MANAGEDSAVE,
 	      false, true);
 	GROUP(VIR_CONNECT_LIST_DOMAINS_AUTOSTART, VIR_CONNECT_LIST_DOMAINS_NO_AUTOSTART,
@@ -671,7 +1198,7 @@ static int p_list_all_domains(struct lv_call *c)
 		return vmig__lv_fail(c, VIR_ERR_NO_MEMORY, "out of memory");
 	}
 	for (i = 0; i < n; i++) {
-		if (vm_status(c->srv, names[i], &sts[i]) < 0)
+		if (dom_status(c->srv, names[i], &sts[i]) < 0)
 			continue;      /* a stale socket of a VMM that died */
 		if (!list_filter(sts[i], flags)) {
 			json_object_put(sts[i]);
@@ -751,19 +1278,68 @@ static int p_num_of_domains(struct lv_call *c)
 	return reply_int(c, (int)count);
 }
 
+/* The names of up to @max defined domains not running, in @names (whose
+ * strings move to the front and are freed by free_names()). */
+static int inactive_defined(struct lv_call *c, size_t max, char ***names, size_t *n,
+			    size_t *count)
+{
+	size_t i;
+
+	*count = 0;
+	if (list_names(c->srv, names, n) < 0)
+		return vmig__lv_fail(c, VIR_ERR_OPERATION_FAILED, "cannot read %s",
+				     c->srv->config_dir);
+	for (i = 0; i < *n; i++) {
+		struct json_object *st;
+		bool inactive;
+
+		if (dom_status(c->srv, (*names)[i], &st) < 0)
+			continue;
+		inactive = st_persistent(st) && !vm_active(st);
+		json_object_put(st);
+		if (inactive && *count < max) {
+			char *t = (*names)[*count];
+
+			(*names)[*count] = (*names)[i];
+			(*names)[i] = t;
+			(*count)++;
+		}
+	}
+	return 0;
+}
+
 static int p_list_defined(struct lv_call *c)
 {
+	char **names;
+	size_t n, count, i;
 	int max;
-	u_int zero = 0;
+	u_int k;
+	bool ok;
 
 	ARGS(xdr_int(&c->in, &max));
-	REPLY(xdr_u_int(&c->out, &zero));
+	if (max < 0 || (u_int)max > LV_DOMAINS_MAX)
+		return vmig__lv_fail(c, VIR_ERR_RPC, "maxnames %d is out of range (0 to %u)",
+				     max, LV_DOMAINS_MAX);
+	if (inactive_defined(c, (size_t)max, &names, &n, &count) < 0)
+		return -1;
+	k = (u_int)count;
+	ok = xdr_u_int(&c->out, &k);
+	for (i = 0; ok && i < count; i++)
+		ok = vmig__lv_xdr_string(&c->out, &names[i]);
+	free_names(names, n);
+	REPLY(ok);
 	return 0;
 }
 
 static int p_num_defined(struct lv_call *c)
 {
-	return reply_int(c, 0);
+	char **names;
+	size_t n, count;
+
+	if (inactive_defined(c, LV_DOMAINS_MAX, &names, &n, &count) < 0)
+		return -1;
+	free_names(names, n);
+	return reply_int(c, (int)count);
 }
 
 static int reply_domain(struct lv_call *c, struct json_object *st, const char *name)
@@ -782,9 +1358,9 @@ static int p_lookup_by_name(struct lv_call *c)
 	int ret;
 
 	ARGS(vmig__lv_xdr_string(&c->in, &name));
-	if (vm_status(c->srv, name, &st) < 0) {
-		vmig__lv_fail(c, VIR_ERR_NO_DOMAIN, "no VM named '%s' runs "
-			      "in %s", name, c->srv->run_dir);
+	if (dom_status(c->srv, name, &st) < 0) {
+		vmig__lv_fail(c, VIR_ERR_NO_DOMAIN, "no VM named '%s' runs in %s or is "
+			      "defined in %s", name, c->srv->run_dir, c->srv->config_dir);
 		free(name);
 		return -1;
 	}
@@ -807,9 +1383,9 @@ static int lookup_by(struct lv_call *c, const unsigned char *uuid, int id)
 		struct json_object *st;
 		unsigned char u[16];
 
-		if (vm_status(c->srv, names[i], &st) < 0)
+		if (dom_status(c->srv, names[i], &st) < 0)
 			continue;
-		name_uuid(names[i], u);
+		st_uuid(st, names[i], u);
 		if (uuid ? !memcmp(u, uuid, 16) : (vm_active(st) && (int)ju64(st, "pid") == id))
 			ret = reply_domain(c, st, names[i]);
 		json_object_put(st);
@@ -819,8 +1395,9 @@ static int lookup_by(struct lv_call *c, const unsigned char *uuid, int id)
 		return ret;
 	if (uuid) {
 		uuid_format(uuid, want);
-		return vmig__lv_fail(c, VIR_ERR_NO_DOMAIN, "no VM with "
-				     "UUID %s runs in %s", want, c->srv->run_dir);
+		return vmig__lv_fail(c, VIR_ERR_NO_DOMAIN, "no VM with UUID %s runs in %s "
+				     "or is defined in %s", want, c->srv->run_dir,
+				     c->srv->config_dir);
 	}
 	return vmig__lv_fail(c, VIR_ERR_NO_DOMAIN, "no VM with id %d "
 			     "runs in %s", id, c->srv->run_dir);
@@ -957,7 +1534,10 @@ static int p_domain_const(struct lv_call *c)
 			ok = vmig__lv_xdr_string(&c->out, &hvm);
 			DONE(ok ? 0 : -1);
 		}
-		default:   /* autostart, persistent, updated: never */
+		case P_DOMAIN_IS_PERSISTENT:
+			v = st_persistent(st);
+			break;
+		default:   /* autostart, updated: never */
 			v = 0;
 			break;
 		}
@@ -1017,7 +1597,26 @@ static int p_get_xml_desc(struct lv_call *c)
 		int len;
 		bool ok;
 
-		name_uuid(dom.name, u);
+		/* A domain not running, or the definition asked for: the XML as
+		 * defined. */
+		if (st_persistent(st) && (!vm_active(st) || (flags & VIR_DOMAIN_XML_INACTIVE))) {
+			char *def = NULL;
+			int ret = def_read(c->srv, dom.name, &def);
+
+			if (ret < 0) {
+				vmig__lv_fail(c, ret == -ENOENT ? VIR_ERR_NO_DOMAIN :
+					      VIR_ERR_OPERATION_FAILED, "cannot read the definition "
+					      "of '%s' in %s: %s", dom.name, c->srv->config_dir,
+					      strerror(-ret));
+				DONE(-1);
+			}
+			ok = vmig__lv_xdr_string(&c->out, &def);
+			free(def);
+			if (!ok)
+				vmig__lv_fail(c, VIR_ERR_INTERNAL_ERROR, "the domain XML does not fit");
+			DONE(ok ? 0 : -1);
+		}
+		st_uuid(st, dom.name, u);
 		uuid_format(u, uuid);
 		if (w) {
 			char esc[900];
@@ -1119,6 +1718,11 @@ static int simple_vm_cmd(struct lv_call *c, const char *cmd, bool with_flags)
 				      "here (got 0x%x)", flags);
 			DONE(-1);
 		}
+		if (!vm_active(st)) {
+			vmig__lv_fail(c, VIR_ERR_OPERATION_INVALID, "domain '%s' is not running",
+				      dom.name);
+			DONE(-1);
+		}
 		ret = vm_call(c->srv, dom.name, cmd, NULL, &r, msg, sizeof(msg));
 		json_object_put(r);
 		if (ret == -EOPNOTSUPP && !strcmp(cmd, "shutdown")) {
@@ -1168,143 +1772,6 @@ static int p_shutdown(struct lv_call *c)
  * Starting a VM from domain XML (domain-create-xml: transient, as every
  * vmig VM is)
  */
-
-/* XML-unescape @s (the five predefined entities and &#N;/&#xN;) in place. */
-static void xml_unescape(char *s)
-{
-	static const struct { const char *e; char c; } ents[] = {
-		{ "&amp;", '&' }, { "&lt;", '<' }, { "&gt;", '>' }, { "&apos;", '\'' },
-		{ "&quot;", '"' },
-	};
-	char *o = s;
-	size_t i;
-
-	while (*s) {
-		bool done = false;
-
-		if (*s == '&') {
-			for (i = 0; i < sizeof(ents) / sizeof(ents[0]) && !done; i++) {
-				size_t n = strlen(ents[i].e);
-
-				if (!strncmp(s, ents[i].e, n)) {
-					*o++ = ents[i].c;
-					s += n;
-					done = true;
-				}
-			}
-			if (!done && s[1] == '#') {
-				char *end;
-				unsigned long v = s[2] == 'x' ? strtoul(s + 3, &end, 16) :
-						  strtoul(s + 2, &end, 10);
-
-				if (*end == ';' && v > 0 && v < 128) {
-					*o++ = (char)v;
-					s = end + 1;
-					done = true;
-				}
-			}
-		}
-		if (!done)
-			*o++ = *s++;
-	}
-	*o = 0;
-}
-
-/*
- * The text of the first element named @name (local name, any prefix) after
- * @from in @xml, unescaped, in @out; its attributes in @attrs.  A small
- * reader for the few elements vmig takes from domain XML, not a general
- * XML parser: comments and CDATA are not understood.  Returns 0, -ENOENT,
- * or -EINVAL for a malformed or over-long element.
- */
-static int xml_elem(const char *xml, const char *name, char *out, size_t len,
-		    char *attrs, size_t alen)
-{
-	const char *p = xml;
-	size_t n = strlen(name);
-
-	while ((p = strchr(p, '<'))) {
-		const char *tag = p + 1, *colon, *gt, *end, *local = tag;
-
-		p++;
-		if (*tag == '/' || *tag == '!' || *tag == '?')
-			continue;
-		gt = strchr(tag, '>');
-		if (!gt)
-			return -EINVAL;
-		colon = memchr(tag, ':', (size_t)(strcspn(tag, " \t\r\n/>")));
-		if (colon)
-			local = colon + 1;
-		if (strncmp(local, name, n) || !strchr(" \t\r\n/>", local[n]))
-			continue;
-		if (attrs) {
-			size_t a = (size_t)(gt - (local + n));
-
-			if (a >= alen)
-				return -EINVAL;
-			memcpy(attrs, local + n, a);
-			attrs[a] = 0;
-		}
-		if (gt[-1] == '/') {              /* <name/> */
-			out[0] = 0;
-			return 0;
-		}
-		end = strchr(gt + 1, '<');
-		if (!end || (size_t)(end - gt - 1) >= len)
-			return -EINVAL;
-		memcpy(out, gt + 1, (size_t)(end - gt - 1));
-		out[end - gt - 1] = 0;
-		xml_unescape(out);
-		return 0;
-	}
-	return -ENOENT;
-}
-
-/* The value of attribute @name in @attrs ("" if absent). */
-static void xml_attr(const char *attrs, const char *name, char *out, size_t len)
-{
-	const char *p = attrs;
-	size_t n = strlen(name);
-
-	out[0] = 0;
-	while ((p = strstr(p, name))) {
-		const char *q = p + n;
-		char quote;
-		const char *end;
-
-		if ((p != attrs && !strchr(" \t\r\n", p[-1])) || (*q != '=')) {
-			p += n;
-			continue;
-		}
-		quote = q[1];
-		if (quote != '\'' && quote != '"')
-			return;
-		end = strchr(q + 2, quote);
-		if (!end || (size_t)(end - q - 2) >= len)
-			return;
-		memcpy(out, q + 2, (size_t)(end - q - 2));
-		out[end - q - 2] = 0;
-		return;
-	}
-}
-
-/* libvirt's memory units to bytes per unit; 0 if unknown. */
-static uint64_t unit_bytes(const char *u)
-{
-	static const struct { const char *u; uint64_t b; } units[] = {
-		{ "", 1024 }, { "b", 1 }, { "bytes", 1 }, { "KB", 1000 }, { "k", 1024 },
-		{ "KiB", 1024 }, { "MB", 1000000 }, { "M", 1048576 }, { "MiB", 1048576 },
-		{ "GB", 1000000000 }, { "G", 1073741824 }, { "GiB", 1073741824 },
-		{ "TB", 1000000000000ull }, { "T", 1099511627776ull },
-		{ "TiB", 1099511627776ull },
-	};
-	size_t i;
-
-	for (i = 0; i < sizeof(units) / sizeof(units[0]); i++)
-		if (!strcmp(u, units[i].u))
-			return units[i].b;
-	return 0;
-}
 
 /* Run `vmig run ARGV... --detach` for the run directory; 0, or -1 with the
  * call's error (the last line vmig wrote). */
@@ -1383,18 +1850,74 @@ static int run_vmig(struct lv_call *c, const char *const *argv)
 			     strrchr(out, '\n') ? strrchr(out, '\n') + 1 : out);
 }
 
+/* Start VM @sp (`vmig run`), paused if @flags say so; 0, or -1 with the
+ * call's error.  Caller holds defs_lock and checked the name is free. */
+static int start_spec(struct lv_call *c, const struct dom_spec *sp, unsigned int flags)
+{
+	const char *argv[24];
+	unsigned int i = 0;
+
+	argv[i++] = "vmig";
+	argv[i++] = "run";
+	argv[i++] = sp->name;
+	argv[i++] = "--memory";
+	argv[i++] = sp->mem_arg;
+	argv[i++] = "--vcpus";
+	argv[i++] = sp->vcpus;
+	if (sp->kernel[0]) {
+		argv[i++] = "--kernel";
+		argv[i++] = sp->kernel;
+		if (sp->initrd[0]) {
+			argv[i++] = "--initrd";
+			argv[i++] = sp->initrd;
+		}
+		if (sp->cmdline[0]) {
+			argv[i++] = "--cmdline";
+			argv[i++] = sp->cmdline;
+		}
+	} else if (sp->workload[0]) {
+		argv[i++] = "--workload";
+		argv[i++] = sp->workload;
+	}
+	argv[i++] = "--detach";
+	argv[i] = NULL;
+	if (run_vmig(c, argv) < 0)
+		return -1;
+	vmig_log(VMIG_LOG_INFO, "libvirt: started %s (%s, %s vCPUs%s%s)", sp->name, sp->mem_arg,
+		 sp->vcpus, sp->kernel[0] ? ", kernel " : "", sp->kernel);
+	if (flags & VIR_DOMAIN_START_PAUSED) {
+		struct json_object *r = NULL;
+		char msg[600];
+
+		if (vm_call(c->srv, sp->name, "pause", NULL, &r, msg, sizeof(msg)) < 0)
+			return vmig__lv_fail(c, VIR_ERR_OPERATION_FAILED, "cannot pause '%s': %s",
+					     sp->name, msg);
+		json_object_put(r);
+	}
+	return 0;
+}
+
+/* Reply with domain @name as it is now. */
+static int reply_dom_now(struct lv_call *c, const char *name)
+{
+	struct json_object *st;
+	int ret;
+
+	if (dom_status(c->srv, name, &st) < 0)
+		return vmig__lv_fail(c, VIR_ERR_OPERATION_FAILED, "VM '%s' started and went "
+				     "away", name);
+	ret = reply_domain(c, st, name);
+	json_object_put(st);
+	return ret;
+}
+
 static int p_create_xml(struct lv_call *c)
 {
-	char *xml = NULL, name[128], mem[64], attrs[256], unit[16], vcpus[16] = "1";
-	char kernel[1024] = "", initrd[1024] = "", cmdline[2048] = "", workload[256] = "";
-	char mem_arg[32];
-	const char *argv[24];
+	char *xml = NULL, msg[512];
 	struct json_object *st;
-	uint64_t ub, amount;
-	unsigned int i = 0;
+	struct dom_spec sp;
 	u_int flags;
-	char *end;
-	int ret = -1;
+	int ret = -1, code;
 
 	ARGS(vmig__lv_xdr_string(&c->in, &xml) && xdr_u_int(&c->in, &flags));
 	if (flags & ~(unsigned int)(VIR_DOMAIN_START_PAUSED | VIR_DOMAIN_START_VALIDATE)) {
@@ -1402,104 +1925,181 @@ static int p_create_xml(struct lv_call *c)
 			      "validate flags here (got 0x%x)", flags);
 		goto out;
 	}
-	if (xml_elem(xml, "domain", name, sizeof(name), attrs, sizeof(attrs)) == -ENOENT) {
-		vmig__lv_fail(c, VIR_ERR_XML_ERROR, "no <domain> element");
+	code = parse_spec(xml, &sp, msg, sizeof(msg));
+	if (code) {
+		vmig__lv_fail(c, code, "%s", msg);
 		goto out;
 	}
-	if (strstr(xml, "<disk") || strstr(xml, "<interface") || strstr(xml, "<hostdev")) {
-		vmig__lv_fail(c, VIR_ERR_ARGUMENT_UNSUPPORTED, "vmig VMs have no disks, network "
-			      "interfaces or host devices: remove them from the XML");
-		goto out;
-	}
-	if (xml_elem(xml, "name", name, sizeof(name), NULL, 0) < 0 ||
-	    vmig_vm_name_valid(name) < 0) {
-		vmig__lv_fail(c, VIR_ERR_XML_ERROR, "a <name> of 1-64 letters, digits, '.', '_' "
-			      "or '-' is needed");
-		goto out;
-	}
-	if (xml_elem(xml, "memory", mem, sizeof(mem), attrs, sizeof(attrs)) < 0) {
-		vmig__lv_fail(c, VIR_ERR_XML_ERROR, "a <memory> element is needed");
-		goto out;
-	}
-	xml_attr(attrs, "unit", unit, sizeof(unit));
-	ub = unit_bytes(unit);
-	errno = 0;
-	amount = strtoull(mem, &end, 10);
-	if (!ub || errno || end == mem || *end || amount > UINT64_MAX / ub / 2) {
-		vmig__lv_fail(c, VIR_ERR_XML_ERROR, "bad <memory unit='%s'>%s</memory>", unit, mem);
-		goto out;
-	}
-	snprintf(mem_arg, sizeof(mem_arg), "%" PRIu64 "K", (amount * ub + 1023) / 1024);
-	if (xml_elem(xml, "vcpu", vcpus, sizeof(vcpus), NULL, 0) == -EINVAL) {
-		vmig__lv_fail(c, VIR_ERR_XML_ERROR, "bad <vcpu>");
-		goto out;
-	}
-	xml_elem(xml, "kernel", kernel, sizeof(kernel), NULL, 0);
-	xml_elem(xml, "initrd", initrd, sizeof(initrd), NULL, 0);
-	xml_elem(xml, "cmdline", cmdline, sizeof(cmdline), NULL, 0);
-	if (strstr(xml, XML_NS))
-		xml_elem(strstr(xml, XML_NS), "workload", workload, sizeof(workload), NULL, 0);
-	if ((initrd[0] || cmdline[0]) && !kernel[0]) {
-		vmig__lv_fail(c, VIR_ERR_XML_ERROR, "<initrd> and <cmdline> need a <kernel>");
-		goto out;
-	}
-	if ((kernel[0] && kernel[0] != '/') || (initrd[0] && initrd[0] != '/')) {
-		vmig__lv_fail(c, VIR_ERR_XML_ERROR, "<kernel> and <initrd> must be absolute paths");
-		goto out;
-	}
-	if (vm_status(c->srv, name, &st) == 0) {
+	pthread_mutex_lock(&c->srv->defs_lock);
+	if (vm_status(c->srv, sp.name, &st) == 0) {
 		json_object_put(st);
-		vmig__lv_fail(c, VIR_ERR_OPERATION_INVALID, "domain '%s' already exists", name);
-		goto out;
+		vmig__lv_fail(c, VIR_ERR_OPERATION_INVALID, "domain '%s' already exists", sp.name);
+	} else if (dom_status(c->srv, sp.name, &st) == 0) {
+		json_object_put(st);
+		vmig__lv_fail(c, VIR_ERR_OPERATION_INVALID, "domain '%s' is already defined "
+			      "(start it with 'virsh start %s')", sp.name, sp.name);
+	} else if (start_spec(c, &sp, flags) == 0) {
+		ret = reply_dom_now(c, sp.name);
 	}
-
-	argv[i++] = "vmig";
-	argv[i++] = "run";
-	argv[i++] = name;
-	argv[i++] = "--memory";
-	argv[i++] = mem_arg;
-	argv[i++] = "--vcpus";
-	argv[i++] = vcpus;
-	if (kernel[0]) {
-		argv[i++] = "--kernel";
-		argv[i++] = kernel;
-		if (initrd[0]) {
-			argv[i++] = "--initrd";
-			argv[i++] = initrd;
-		}
-		if (cmdline[0]) {
-			argv[i++] = "--cmdline";
-			argv[i++] = cmdline;
-		}
-	} else if (workload[0]) {
-		argv[i++] = "--workload";
-		argv[i++] = workload;
-	}
-	argv[i++] = "--detach";
-	argv[i] = NULL;
-	if (run_vmig(c, argv) < 0)
-		goto out;
-	vmig_log(VMIG_LOG_INFO, "libvirt: created %s (%s, %s vCPUs%s%s)", name, mem_arg, vcpus,
-		 kernel[0] ? ", kernel " : "", kernel);
-	if (flags & VIR_DOMAIN_START_PAUSED) {
-		struct json_object *r = NULL;
-		char msg[600];
-
-		if (vm_call(c->srv, name, "pause", NULL, &r, msg, sizeof(msg)) < 0) {
-			vmig__lv_fail(c, VIR_ERR_OPERATION_FAILED, "cannot pause '%s': %s", name, msg);
-			goto out;
-		}
-		json_object_put(r);
-	}
-	if (vm_status(c->srv, name, &st) < 0) {
-		vmig__lv_fail(c, VIR_ERR_OPERATION_FAILED, "VM '%s' started and went away", name);
-		goto out;
-	}
-	ret = reply_domain(c, st, name);
-	json_object_put(st);
+	pthread_mutex_unlock(&c->srv->defs_lock);
 out:
 	free(xml);
 	return ret;
+}
+
+/* define-xml(-flags): keep the XML as a definition. */
+static int p_define_xml(struct lv_call *c)
+{
+	char *xml = NULL, *with_uuid = NULL, msg[512], other[128], uuid[37];
+	struct json_object *st;
+	struct lv_domain d;
+	struct dom_spec sp;
+	u_int flags = 0;
+	int ret = -1, code, err;
+
+	ARGS(vmig__lv_xdr_string(&c->in, &xml) &&
+	     (c->hdr.proc != P_DOMAIN_DEFINE_XML_FLAGS || xdr_u_int(&c->in, &flags)));
+	if (flags & ~(unsigned int)VIR_DOMAIN_DEFINE_VALIDATE) {
+		vmig__lv_fail(c, VIR_ERR_ARGUMENT_UNSUPPORTED, "vmig takes only the validate "
+			      "flag here (got 0x%x)", flags);
+		goto out;
+	}
+	code = parse_spec(xml, &sp, msg, sizeof(msg));
+	if (code) {
+		vmig__lv_fail(c, code, "%s", msg);
+		goto out;
+	}
+	if (strlen(xml) > DEF_XML_MAX - 64) {
+		vmig__lv_fail(c, VIR_ERR_XML_ERROR, "the domain XML is too long (%zu bytes; at "
+			      "most %u)", strlen(xml), DEF_XML_MAX - 64);
+		goto out;
+	}
+	if (!sp.has_uuid)
+		name_uuid(sp.name, sp.uuid);
+	pthread_mutex_lock(&c->srv->defs_lock);
+	if (dom_status(c->srv, sp.name, &st) == 0) {
+		vmig__lv_fail(c, VIR_ERR_OPERATION_INVALID, "domain '%s' is already %s", sp.name,
+			      st_persistent(st) ? "defined" : "running");
+		json_object_put(st);
+		goto unlock;
+	}
+	if (uuid_taken(c->srv, sp.uuid, sp.name, other, sizeof(other))) {
+		uuid_format(sp.uuid, uuid);
+		vmig__lv_fail(c, VIR_ERR_OPERATION_INVALID, "domain '%s' already has UUID %s",
+			      other, uuid);
+		goto unlock;
+	}
+	if (!sp.has_uuid && !(with_uuid = xml_add_uuid(xml, sp.uuid))) {
+		vmig__lv_fail(c, VIR_ERR_XML_ERROR, "no <domain> start tag to add a <uuid> to");
+		goto unlock;
+	}
+	err = def_write(c->srv, sp.name, with_uuid ? with_uuid : xml);
+	if (err < 0) {
+		vmig__lv_fail(c, VIR_ERR_OPERATION_FAILED, "cannot write the definition of '%s' "
+			      "in %s: %s", sp.name, c->srv->config_dir, strerror(-err));
+		goto unlock;
+	}
+	vmig_log(VMIG_LOG_INFO, "libvirt: defined %s (%s, %s vCPUs) in %s", sp.name,
+		 sp.mem_arg, sp.vcpus, c->srv->config_dir);
+	d.name = sp.name;
+	memcpy(d.uuid, sp.uuid, 16);
+	d.id = -1;
+	ret = vmig__lv_xdr_domain(&c->out, &d) ? 0 :
+	      vmig__lv_fail(c, VIR_ERR_RPC, "the reply does not fit");
+unlock:
+	pthread_mutex_unlock(&c->srv->defs_lock);
+out:
+	free(with_uuid);
+	free(xml);
+	return ret;
+}
+
+/* undefine(-flags): forget the definition; a VM that runs goes on,
+ * transient. */
+static int p_undefine(struct lv_call *c)
+{
+	/* Nothing of these exists for a vmig VM: nothing to keep or remove. */
+	const unsigned int ok_flags = VIR_DOMAIN_UNDEFINE_MANAGED_SAVE |
+		VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | VIR_DOMAIN_UNDEFINE_NVRAM |
+		VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA |
+		VIR_DOMAIN_UNDEFINE_TPM | VIR_DOMAIN_UNDEFINE_KEEP_TPM;
+	u_int flags = 0;
+
+	WITH_DOMAIN(c->hdr.proc != P_DOMAIN_UNDEFINE_FLAGS || xdr_u_int(&c->in, &flags));
+	{
+		char path[4200];
+		int ret = 0;
+
+		if (flags & ~ok_flags) {
+			vmig__lv_fail(c, VIR_ERR_ARGUMENT_UNSUPPORTED, "unknown undefine flags "
+				      "0x%x", flags & ~ok_flags);
+			DONE(-1);
+		}
+		pthread_mutex_lock(&c->srv->defs_lock);
+		if (def_path(c->srv, dom.name, path, sizeof(path)) < 0)
+			ret = -ENOENT;
+		else if (unlink(path) < 0)
+			ret = -errno;
+		else
+			fsync_dir(c->srv->config_dir);
+		pthread_mutex_unlock(&c->srv->defs_lock);
+		if (ret == -ENOENT) {
+			vmig__lv_fail(c, VIR_ERR_OPERATION_INVALID, "cannot undefine transient "
+				      "domain '%s'", dom.name);
+			DONE(-1);
+		}
+		if (ret < 0) {
+			vmig__lv_fail(c, VIR_ERR_OPERATION_FAILED, "cannot remove %s: %s", path,
+				      strerror(-ret));
+			DONE(-1);
+		}
+		vmig_log(VMIG_LOG_INFO, "libvirt: undefined %s%s", dom.name,
+			 vm_active(st) ? " (it runs on, transient)" : "");
+		DONE(0);
+	}
+}
+
+/* create / create-with-flags: start a defined domain. */
+static int p_start(struct lv_call *c)
+{
+	u_int flags = 0;
+
+	WITH_DOMAIN(c->hdr.proc != P_DOMAIN_CREATE_WITH_FLAGS || xdr_u_int(&c->in, &flags));
+	{
+		struct json_object *vst;
+		struct dom_spec sp;
+		char *xml = NULL, msg[512];
+		int ret = -1, err, code;
+
+		/* No managed save exists: force-boot changes nothing. */
+		if (flags & ~(unsigned int)(VIR_DOMAIN_START_PAUSED | VIR_DOMAIN_START_FORCE_BOOT)) {
+			vmig__lv_fail(c, VIR_ERR_ARGUMENT_UNSUPPORTED, "vmig takes only the "
+				      "paused and force-boot flags here (got 0x%x)", flags);
+			DONE(-1);
+		}
+		pthread_mutex_lock(&c->srv->defs_lock);
+		err = def_read(c->srv, dom.name, &xml);
+		if (vm_status(c->srv, dom.name, &vst) == 0) {
+			json_object_put(vst);
+			vmig__lv_fail(c, VIR_ERR_OPERATION_INVALID, "domain '%s' is already "
+				      "running", dom.name);
+		} else if (err < 0) {
+			vmig__lv_fail(c, err == -ENOENT ? VIR_ERR_NO_DOMAIN : VIR_ERR_OPERATION_FAILED,
+				      "cannot read the definition of '%s' in %s: %s", dom.name,
+				      c->srv->config_dir, strerror(-err));
+		} else if ((code = parse_spec(xml, &sp, msg, sizeof(msg)))) {
+			vmig__lv_fail(c, code, "the definition of '%s': %s", dom.name, msg);
+		} else if (strcmp(sp.name, dom.name)) {
+			vmig__lv_fail(c, VIR_ERR_XML_ERROR, "the definition in %s/%s.xml names "
+				      "'%s'", c->srv->config_dir, dom.name, sp.name);
+		} else if (start_spec(c, &sp, flags) == 0) {
+			ret = c->hdr.proc == P_DOMAIN_CREATE_WITH_FLAGS ?
+			      reply_dom_now(c, dom.name) : 0;
+		}
+		pthread_mutex_unlock(&c->srv->defs_lock);
+		free(xml);
+		DONE(ret);
+	}
 }
 
 /* ------------------------------------------------------------------------
@@ -2225,6 +2825,11 @@ static int p_migrate_perform3_params(struct lv_call *c)
 			bad_args(c);
 			goto out;
 		}
+		if (!vm_active(st)) {
+			vmig__lv_fail(c, VIR_ERR_OPERATION_INVALID, "domain '%s' is not running "
+				      "(vmig migrates running VMs only)", dom.name);
+			goto out;
+		}
 		running = !strcmp(jstr(st, "state", ""), "running");
 		if (build_request(c, dom.name, dconnuri, params, nparams, flags, running, &req) < 0)
 			goto out;
@@ -2253,6 +2858,18 @@ static int p_migrate_perform3_params(struct lv_call *c)
 			vm_call(c->srv, dom.name, "resume", NULL, &r, NULL, 0);
 			json_object_put(r);
 		}
+		if (ret == 0 && (flags & VIR_MIGRATE_UNDEFINE_SOURCE) && st_persistent(st)) {
+			/* The VM left: its definition here goes too, as asked. */
+			char path[4200];
+
+			pthread_mutex_lock(&c->srv->defs_lock);
+			if (def_path(c->srv, dom.name, path, sizeof(path)) == 0 && unlink(path) == 0) {
+				fsync_dir(c->srv->config_dir);
+				vmig_log(VMIG_LOG_INFO, "libvirt: undefined %s (migrated away with "
+					 "--undefinesource)", dom.name);
+			}
+			pthread_mutex_unlock(&c->srv->defs_lock);
+		}
 		if (ret == 0 && !xdr_u_int(&c->out, &zero))     /* no cookie out */
 			ret = vmig__lv_fail(c, VIR_ERR_RPC, "reply too large");
 out:
@@ -2280,7 +2897,9 @@ static const struct proc {
 	{ P_CONNECT_GET_MAX_VCPUS, "connect-get-max-vcpus", p_get_max_vcpus },
 	{ P_NODE_GET_INFO, "node-get-info", p_node_get_info },
 	{ P_CONNECT_GET_CAPABILITIES, "connect-get-capabilities", p_get_capabilities },
+	{ P_DOMAIN_CREATE, "domain-create", p_start },
 	{ P_DOMAIN_CREATE_XML, "domain-create-xml", p_create_xml },
+	{ P_DOMAIN_DEFINE_XML, "domain-define-xml", p_define_xml },
 	{ P_DOMAIN_DESTROY, "domain-destroy", p_destroy },
 	{ P_DOMAIN_GET_XML_DESC, "domain-get-xml-desc", p_get_xml_desc },
 	{ P_DOMAIN_GET_AUTOSTART, "domain-get-autostart", p_domain_const },
@@ -2296,6 +2915,7 @@ static const struct proc {
 	{ P_DOMAIN_RESUME, "domain-resume", p_resume },
 	{ P_DOMAIN_SHUTDOWN, "domain-shutdown", p_shutdown },
 	{ P_DOMAIN_SUSPEND, "domain-suspend", p_suspend },
+	{ P_DOMAIN_UNDEFINE, "domain-undefine", p_undefine },
 	{ P_CONNECT_LIST_DOMAINS, "connect-list-domains", p_list_domains },
 	{ P_CONNECT_NUM_OF_DOMAINS, "connect-num-of-domains", p_num_of_domains },
 	{ P_CONNECT_GET_HOSTNAME, "connect-get-hostname", p_get_hostname },
@@ -2310,11 +2930,13 @@ static const struct proc {
 	{ P_DOMAIN_ABORT_JOB, "domain-abort-job", p_abort_job },
 	{ P_DOMAIN_MIGRATE_SET_MAX_DOWNTIME, "domain-migrate-set-max-downtime", p_set_max_downtime },
 	{ P_DOMAIN_HAS_MANAGED_SAVE_IMAGE, "domain-has-managed-save-image", p_domain_flags_const },
+	{ P_DOMAIN_CREATE_WITH_FLAGS, "domain-create-with-flags", p_start },
 	{ P_DOMAIN_GET_VCPUS_FLAGS, "domain-get-vcpus-flags", p_domain_flags_const },
 	{ P_DOMAIN_IS_UPDATED, "domain-is-updated", p_domain_const },
 	{ P_DOMAIN_MIGRATE_SET_MAX_SPEED, "domain-migrate-set-max-speed", p_set_max_speed },
 	{ P_DOMAIN_GET_STATE, "domain-get-state", p_get_state },
 	{ P_DOMAIN_GET_CONTROL_INFO, "domain-get-control-info", p_get_control_info },
+	{ P_DOMAIN_UNDEFINE_FLAGS, "domain-undefine-flags", p_undefine },
 	{ P_DOMAIN_DESTROY_FLAGS, "domain-destroy-flags", p_destroy },
 	{ P_DOMAIN_MIGRATE_GET_MAX_SPEED, "domain-migrate-get-max-speed", p_get_max_speed },
 	{ P_DOMAIN_SHUTDOWN_FLAGS, "domain-shutdown-flags", p_shutdown },
@@ -2322,6 +2944,7 @@ static const struct proc {
 	{ P_DOMAIN_GET_JOB_STATS, "domain-get-job-stats", p_get_job_stats },
 	{ P_DOMAIN_MIGRATE_PERFORM3_PARAMS, "domain-migrate-perform3-params",
 	  p_migrate_perform3_params },
+	{ P_DOMAIN_DEFINE_XML_FLAGS, "domain-define-xml-flags", p_define_xml },
 };
 
 static const struct proc *find_proc(int num)

@@ -151,11 +151,15 @@ const char *vmig__lv_proc_name(int proc);
 /* Server-wide settings and state the procedures share. */
 struct lv_server {
 	char run_dir[4096];
+	char config_dir[4096];        /* persistent definitions: NAME.xml */
 	char uri[128];                /* what connect-get-uri answers */
 	const char *remote_vmig;      /* ssh: the vmig to run on the destination */
 	const char *known_hosts;
 	const char *identity;
 	bool accept_new_host_key;
+	/* Held across define, undefine, start and create: the check that a
+	 * name or UUID is free and the act that takes it are one step. */
+	pthread_mutex_t defs_lock;
 	pthread_mutex_t lock;         /* guards what follows */
 	struct lv_vm_setting {
 		char name[65];

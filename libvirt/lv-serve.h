@@ -13,6 +13,7 @@ struct vmig_libvirt_options {
 	const char *remote_vmig;      /* ssh: the vmig to run on destinations */
 	const char *known_hosts;      /* absolute, or NULL */
 	const char *identity;         /* absolute, or NULL */
+	const char *config_dir;       /* definitions; NULL: the default */
 	bool accept_new_host_key;
 };
 

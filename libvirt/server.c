@@ -501,6 +501,30 @@ static int systemd_socket(void)
 	return 3;
 }
 
+/*
+ * Where definitions live (virsh define): @given, else
+ * /var/lib/vmig/libvirt/domains for root, else
+ * $XDG_CONFIG_HOME/vmig/libvirt/domains ($HOME/.config when unset).
+ * 0 or -errno.
+ */
+static int config_dir_get(const char *given, char *buf, size_t len)
+{
+	const char *env;
+	int n;
+
+	if (given)
+		n = snprintf(buf, len, "%s", given);
+	else if (geteuid() == 0)
+		n = snprintf(buf, len, "/var/lib/vmig/libvirt/domains");
+	else if ((env = getenv("XDG_CONFIG_HOME")) && *env == '/')
+		n = snprintf(buf, len, "%s/vmig/libvirt/domains", env);
+	else if ((env = getenv("HOME")) && *env == '/')
+		n = snprintf(buf, len, "%s/.config/vmig/libvirt/domains", env);
+	else
+		return -ENOENT;
+	return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+}
+
 int vmig_libvirt_serve(const struct vmig_libvirt_options *o)
 {
 	static struct lv_server srv;   /* calls may outlive a connection: never freed */
@@ -511,6 +535,7 @@ int vmig_libvirt_serve(const struct vmig_libvirt_options *o)
 
 	memset(&srv, 0, sizeof(srv));
 	pthread_mutex_init(&srv.lock, NULL);
+	pthread_mutex_init(&srv.defs_lock, NULL);
 	srv.remote_vmig = o->remote_vmig;
 	srv.known_hosts = o->known_hosts;
 	srv.identity = o->identity;
@@ -525,6 +550,19 @@ int vmig_libvirt_serve(const struct vmig_libvirt_options *o)
 	if (ret < 0) {
 		fprintf(stderr, "vmig: cannot create the run directory %s: %s\n", srv.run_dir,
 			strerror(-ret));
+		return 1;
+	}
+
+	ret = config_dir_get(o->config_dir, srv.config_dir, sizeof(srv.config_dir));
+	if (ret < 0) {
+		fprintf(stderr, "vmig: no directory for domain definitions: give --config-dir "
+			"or set XDG_CONFIG_HOME or HOME\n");
+		return 1;
+	}
+	ret = vmig_rundir_ensure(srv.config_dir);
+	if (ret < 0) {
+		fprintf(stderr, "vmig: cannot create the definitions directory %s: %s\n",
+			srv.config_dir, strerror(-ret));
 		return 1;
 	}
 
@@ -558,8 +596,9 @@ int vmig_libvirt_serve(const struct vmig_libvirt_options *o)
 		return 1;
 	}
 	if (own_socket)
-		fprintf(stderr, "vmig: serving libvirt's protocol on %s for the VMs in %s; "
-			"connect with vmig+unix:///system?socket=%s\n", path, srv.run_dir, path);
+		fprintf(stderr, "vmig: serving libvirt's protocol on %s for the VMs in %s "
+			"(definitions in %s); connect with vmig+unix:///system?socket=%s\n", path,
+			srv.run_dir, srv.config_dir, path);
 	for (;;) {
 		struct pollfd pfd[2] = {
 			{ .fd = listen_fd, .events = POLLIN },

@@ -10,6 +10,11 @@
  * that saw it) and
  * "migrate=ok" or "migrate=error: MESSAGE"; exits 0 only if the migration
  * succeeded.
+ *
+ * Usage: lv-client defined URI
+ * Prints "num=N names=A,B," from the old API's virConnectNumOfDefinedDomains()
+ * and virConnectListDefinedDomains() (what clients before
+ * virConnectListAllDomains() ask).
  */
 #include <inttypes.h>
 #include <pthread.h>
@@ -109,6 +114,33 @@ static void *poll_stats(void *arg)
 	return NULL;
 }
 
+static int list_defined(const char *uri)
+{
+	virConnectPtr conn = virConnectOpen(uri);
+	char *names[64];
+	int num, n, i;
+
+	if (!conn) {
+		fprintf(stderr, "cannot open %s: %s\n", uri, virGetLastErrorMessage());
+		return 1;
+	}
+	num = virConnectNumOfDefinedDomains(conn);
+	n = virConnectListDefinedDomains(conn, names, 64);
+	if (num < 0 || n < 0) {
+		fprintf(stderr, "defined domains: %s\n", virGetLastErrorMessage());
+		virConnectClose(conn);
+		return 1;
+	}
+	printf("num=%d names=", num);
+	for (i = 0; i < n; i++) {
+		printf("%s,", names[i]);
+		free(names[i]);
+	}
+	printf("\n");
+	virConnectClose(conn);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	virTypedParameterPtr params = NULL;
@@ -120,6 +152,8 @@ int main(int argc, char **argv)
 	pthread_t tid, loop;
 	double t0, t1;
 
+	if (argc == 3 && !strcmp(argv[1], "defined"))
+		return list_defined(argv[2]);
 	if (argc != 7) {
 		fprintf(stderr, "usage: lv-client URI NAME DESTURI DNAME BANDWIDTH_MIBS PARALLEL\n");
 		return 2;

@@ -11,6 +11,9 @@
  * known_hosts=..., and A's endpoint runs with --remote-vmig naming a
  * wrapper that sets VMIG_RUN_DIR to B (sshd passes no environment).
  *
+ * Every endpoint keeps its definitions (virsh define) in DIR/defs-TAG, given
+ * with --config-dir.
+ *
  * The malformed-packet tests talk raw to an endpoint, packets built with
  * libvirt/proto.c, and check that the endpoint answers with an error or
  * closes the connection, and still serves afterwards.
@@ -96,21 +99,24 @@ static int connect_to(const char *path)
 	return fd;
 }
 
-/* Start `vmig libvirt-serve` for @run_dir on @sock, log in DIR/serve-@tag.log. */
+/* Start `vmig libvirt-serve` for @run_dir on @sock, log in DIR/serve-@tag.log,
+ * definitions in DIR/defs-@tag. */
 static pid_t start_endpoint(const char *run_dir, const char *sock, const char *tag, bool ssh)
 {
-	char log[400], pidf[400], num[32], text[4096];
+	char log[400], pidf[400], num[32], text[4096], defs[400];
 	struct kvm_test_proc how = { .run_dir = run_dir, .env = KVM_TEST_ARGS("VMIG_LOG=info"),
 				     .out_path = log, .err_path = log };
 	uint64_t end = kvm_test_now_ms() + 10000;
 	pid_t pid;
 
 	snprintf(log, sizeof(log), "%s/serve-%s.log", dir, tag);
+	snprintf(defs, sizeof(defs), "%s/defs-%s", dir, tag);
 	if (ssh)
 		kvm_test_spawn(&how, KVM_TEST_ARGS(vmig_bin, "libvirt-serve", "--socket", sock,
-						   "--remote-vmig", rvmig_b));
+						   "--config-dir", defs, "--remote-vmig", rvmig_b));
 	else
-		kvm_test_spawn(&how, KVM_TEST_ARGS(vmig_bin, "libvirt-serve", "--socket", sock));
+		kvm_test_spawn(&how, KVM_TEST_ARGS(vmig_bin, "libvirt-serve", "--socket", sock,
+						   "--config-dir", defs));
 	pid = how.pid;
 	snprintf(pidf, sizeof(pidf), "%s/serve-%s.pid", dir, tag);
 	snprintf(num, sizeof(num), "%d\n", (int)pid);
@@ -374,6 +380,217 @@ START_TEST(virsh_create_from_xml)
 	ck_assert_int_eq(r.status, 0);
 	VIRSH_A(&r, "destroy", "lv7");
 	ck_assert_int_eq(r.status, 0);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------
+ * Persistent definitions: define, start, destroy, undefine
+ */
+
+static const char lpd_xml[] =
+	"<domain type='kvm'>\n"
+	"  <name>lpd1</name>\n"
+	"  <metadata><vmig:vm xmlns:vmig='https://vmig.dev/xmlns/libvirt/domain/1'>"
+	"<vmig:workload>rate=500,wss=1M</vmig:workload></vmig:vm></metadata>\n"
+	"  <memory unit='MiB'>48</memory>\n"
+	"  <vcpu placement='static'>2</vcpu>\n"
+	"  <os><type arch='x86_64'>hvm</type></os>\n"
+	"</domain>\n";
+
+/* virsh list @flag (NULL: running only) shows lpd1 in @state, or not (NULL). */
+static void assert_listed(const char *flag, const char *name, const char *state)
+{
+	struct kvm_test_result r;
+	const char *l;
+
+	if (flag)
+		VIRSH_A(&r, "list", flag);
+	else
+		VIRSH_A(&r, "list");
+	ck_assert_msg(r.status == 0, "virsh list %s: %s", flag ? flag : "", r.err);
+	l = line_of(r.out, name);
+	if (!state) {
+		ck_assert_msg(!l, "virsh list %s shows %s: %s", flag ? flag : "", name, r.out);
+		return;
+	}
+	ck_assert_msg(l && !strncmp(strchrnul(l, '\n') - strlen(state), state, strlen(state)),
+		      "virsh list %s: %s is not %s: %s", flag ? flag : "", name, state, r.out);
+}
+
+START_TEST(virsh_define_start_undefine)
+{
+	char xml[400], def[400], text[4096], uuid[64];
+	struct kvm_test_result r;
+	struct json_object *o;
+	pid_t old;
+	char *p;
+
+	snprintf(xml, sizeof(xml), "%s/lpd1.xml", dir);
+	snprintf(def, sizeof(def), "%s/defs-a/lpd1.xml", dir);
+	kvm_test_write_file(xml, lpd_xml, 0600);
+
+	/* define: a file in the config directory, the XML with a UUID added. */
+	VIRSH_A(&r, "define", xml);
+	ck_assert_msg(r.status == 0 && strstr(r.out, "Domain 'lpd1' defined"), "virsh define: "
+		      "%d %s %s", r.status, r.out, r.err);
+	kvm_test_read_file(def, text, sizeof(text));
+	ck_assert_msg(strstr(text, "<name>lpd1</name>") && strstr(text, "<uuid>"),
+		      "the definition %s: %s", def, text);
+	ck_assert(!kvm_test_exists_in(run_a, "lpd1", "sock"));
+	assert_listed("--all", "lpd1", "shut off");
+	assert_listed("--inactive", "lpd1", "shut off");
+	assert_listed(NULL, "lpd1", NULL);
+	VIRSH_A(&r, "list", "--all", "--persistent");
+	ck_assert_msg(r.status == 0 && line_of(r.out, "lpd1"), "--persistent: %s", r.out);
+	VIRSH_A(&r, "list", "--all", "--transient");
+	ck_assert_msg(r.status == 0 && !line_of(r.out, "lpd1"), "--transient: %s", r.out);
+	run_list(&r, NULL, lv_client, "defined", uri_a, (const char *const[]){ NULL });
+	ck_assert_msg(r.status == 0 && strstr(r.out, "num=1 names=lpd1,"), "old API: %d %s %s",
+		      r.status, r.out, r.err);
+
+	VIRSH_A(&r, "dominfo", "lpd1");
+	ck_assert_msg(r.status == 0 && strstr(r.out, "State:          shut off") &&
+		      strstr(r.out, "Id:             -") &&
+		      strstr(r.out, "Persistent:     yes") && strstr(r.out, "CPU(s):         2") &&
+		      strstr(r.out, "Max memory:     49152 KiB") &&
+		      strstr(r.out, "Autostart:      disable"), "dominfo: %s %s", r.out, r.err);
+	VIRSH_A(&r, "domuuid", "lpd1");
+	ck_assert_int_eq(r.status, 0);
+	snprintf(uuid, sizeof(uuid), "%.36s", r.out);
+	ck_assert_msg(strlen(uuid) == 36, "domuuid: %s", r.out);
+
+	/* dumpxml of the inactive domain: the XML as defined, with its UUID. */
+	VIRSH_A(&r, "dumpxml", "lpd1");
+	snprintf(text, sizeof(text), "<uuid>%s</uuid>", uuid);
+	ck_assert_msg(r.status == 0 && strstr(r.out, "<name>lpd1</name>") &&
+		      strstr(r.out, "<memory unit='MiB'>48</memory>") &&
+		      strstr(r.out, "<vcpu placement='static'>2</vcpu>") && strstr(r.out, text) &&
+		      strstr(r.out, "<vmig:workload>rate=500,wss=1M</vmig:workload>"),
+		      "dumpxml: %s %s", r.out, r.err);
+	/* ... which, renamed, is refused: the UUID is taken. */
+	p = strstr(r.out, "<name>lpd1</name>");
+	p[9] = '2';
+	kvm_test_write_file(xml, r.out, 0600);
+	VIRSH_A(&r, "define", xml);
+	ck_assert_msg(r.status != 0 && strstr(r.err, "already has UUID"), "same UUID: %s", r.err);
+	ck_assert_msg(r.status != 0 && strstr(r.err, "not valid"), "same UUID: %s", r.err);
+
+	/* The same name twice; bad XML; a name taken by a running VM. */
+	kvm_test_write_file(xml, lpd_xml, 0600);
+	VIRSH_A(&r, "define", xml);
+	ck_assert_msg(r.status != 0 && strstr(r.err, "domain 'lpd1' is already defined"),
+		      "twice: %s", r.err);
+	VIRSH_A(&r, "create", xml);
+	ck_assert_msg(r.status != 0 && strstr(r.err, "already defined"), "create: %s", r.err);
+	kvm_test_write_file(xml, "<domain type='kvm'><name>lpd3</name><vcpu>0</vcpu>"
+			    "<memory unit='MiB'>32</memory></domain>", 0600);
+	VIRSH_A(&r, "define", xml);
+	ck_assert_msg(r.status != 0 && strstr(r.err, "XML error") && strstr(r.err, "<vcpu>"),
+		      "bad vcpu: %s", r.err);
+	snprintf(text, sizeof(text), "%s/defs-a/lpd3.xml", dir);
+	ck_assert_msg(access(text, F_OK) < 0, "a refused definition was written");
+	start_vm("lpd4", "32M", "rate=500,wss=1M");
+	kvm_test_write_file(xml, "<domain type='kvm'><name>lpd4</name>"
+			    "<memory unit='MiB'>32</memory></domain>", 0600);
+	VIRSH_A(&r, "define", xml);
+	ck_assert_msg(r.status != 0 && strstr(r.err, "domain 'lpd4' is already running"),
+		      "running: %s", r.err);
+	VIRSH_A(&r, "undefine", "lpd4");
+	ck_assert_msg(r.status != 0 && strstr(r.err, "transient"), "undefine lpd4: %s", r.err);
+	VIRSH_A(&r, "destroy", "lpd4");
+	ck_assert_int_eq(r.status, 0);
+
+	/* start: the VM runs as defined, and stays defined. */
+	VIRSH_A(&r, "start", "lpd1");
+	ck_assert_msg(r.status == 0 && strstr(r.out, "Domain 'lpd1' started"), "virsh start: "
+		      "%d %s %s", r.status, r.out, r.err);
+	o = kvm_test_vm_status(run_a, "lpd1");
+	ck_assert_uint_eq(json_object_get_uint64(json_object_object_get(o, "memory")), 48u << 20);
+	ck_assert_uint_eq(json_object_get_uint64(json_object_object_get(o, "vcpus")), 2);
+	ck_assert_str_eq(json_object_get_string(json_object_object_get(o, "workload")),
+			 "rate=500,wss=1M");
+	json_object_put(o);
+	kvm_test_assert_guest_runs(run_a, "lpd1");
+	VIRSH_A(&r, "dominfo", "lpd1");
+	ck_assert_msg(r.status == 0 && strstr(r.out, "State:          running") &&
+		      strstr(r.out, "Persistent:     yes") && strstr(r.out, uuid),
+		      "dominfo running: %s %s", r.out, r.err);
+	assert_listed(NULL, "lpd1", "running");
+	VIRSH_A(&r, "start", "lpd1");
+	ck_assert_msg(r.status != 0 && strstr(r.err, "already active"), "start twice: %s", r.err);
+	/* dumpxml --inactive: the definition; plain: the running VM. */
+	VIRSH_A(&r, "dumpxml", "--inactive", "lpd1");
+	ck_assert_msg(r.status == 0 && strstr(r.out, "<memory unit='MiB'>48</memory>") &&
+		      !strstr(r.out, "vmig:pid"), "dumpxml --inactive: %s", r.out);
+	VIRSH_A(&r, "dumpxml", "lpd1");
+	ck_assert_msg(r.status == 0 && strstr(r.out, "vmig:pid") && strstr(r.out, uuid),
+		      "dumpxml running: %s", r.out);
+
+	/* destroy: shut off again, still defined. */
+	VIRSH_A(&r, "destroy", "lpd1");
+	ck_assert_msg(r.status == 0, "virsh destroy: %s", r.err);
+	ck_assert(!kvm_test_exists_in(run_a, "lpd1", "sock"));
+	assert_listed("--all", "lpd1", "shut off");
+	VIRSH_A(&r, "destroy", "lpd1");
+	ck_assert_msg(r.status != 0 && strstr(r.err, "not running"), "destroy twice: %s", r.err);
+
+	/* start --paused (create-with-flags), then destroy. */
+	VIRSH_A(&r, "start", "--paused", "lpd1");
+	ck_assert_msg(r.status == 0, "virsh start --paused: %s", r.err);
+	o = kvm_test_vm_status(run_a, "lpd1");
+	ck_assert_str_eq(kvm_test_vm_state(o), "paused");
+	json_object_put(o);
+	VIRSH_A(&r, "destroy", "lpd1");
+	ck_assert_int_eq(r.status, 0);
+
+	/* A guest that powers itself off (virsh shutdown): shut off, defined. */
+	VIRSH_A(&r, "start", "lpd1");
+	ck_assert_int_eq(r.status, 0);
+	VIRSH_A(&r, "shutdown", "lpd1");
+	ck_assert_msg(r.status == 0, "virsh shutdown: %s %s", r.out, r.err);
+	{
+		uint64_t end = kvm_test_now_ms() + 20000;
+
+		while (kvm_test_exists_in(run_a, "lpd1", "sock") && kvm_test_now_ms() < end)
+			kvm_test_sleep_ms(50);
+	}
+	ck_assert_msg(!kvm_test_exists_in(run_a, "lpd1", "sock"), "the guest did not shut down");
+	assert_listed("--all", "lpd1", "shut off");
+
+	/* A new libvirt-serve finds the definition. */
+	old = serve_a;
+	kill(old, SIGTERM);
+	ck_assert_int_eq(waitpid(old, NULL, 0), old);
+	serve_a = start_endpoint(run_a, sock_a, "a", false);
+	assert_listed("--all", "lpd1", "shut off");
+	VIRSH_A(&r, "domuuid", "lpd1");
+	ck_assert_msg(r.status == 0 && !strncmp(r.out, uuid, 36), "UUID after restart: %s %s",
+		      r.out, r.err);
+
+	/* undefine: gone, the file too. */
+	VIRSH_A(&r, "undefine", "lpd1");
+	ck_assert_msg(r.status == 0 && strstr(r.out, "undefined"), "virsh undefine: %s %s",
+		      r.out, r.err);
+	ck_assert_msg(access(def, F_OK) < 0, "%s is still there", def);
+	assert_listed("--all", "lpd1", NULL);
+	VIRSH_A(&r, "dominfo", "lpd1");
+	ck_assert_msg(r.status != 0 && strstr(r.err, "failed to get domain"), "dominfo: %s", r.err);
+
+	/* Undefined while running: it runs on, transient, and goes when destroyed. */
+	kvm_test_write_file(xml, lpd_xml, 0600);
+	VIRSH_A(&r, "define", xml);
+	ck_assert_int_eq(r.status, 0);
+	VIRSH_A(&r, "start", "lpd1");
+	ck_assert_int_eq(r.status, 0);
+	VIRSH_A(&r, "undefine", "lpd1");
+	ck_assert_msg(r.status == 0, "undefine running: %s", r.err);
+	kvm_test_assert_guest_runs(run_a, "lpd1");
+	VIRSH_A(&r, "dominfo", "lpd1");
+	ck_assert_msg(r.status == 0 && strstr(r.out, "Persistent:     no") &&
+		      strstr(r.out, "State:          running"), "transient: %s", r.out);
+	VIRSH_A(&r, "destroy", "lpd1");
+	ck_assert_int_eq(r.status, 0);
+	assert_listed("--all", "lpd1", NULL);
 }
 END_TEST
 
@@ -828,6 +1045,7 @@ int main(void)
 {
 	Suite *s = suite_create("libvirt");
 	TCase *local = tcase_create("local"), *mig = tcase_create("migration");
+	TCase *defs = tcase_create("definitions");
 	const char *v;
 
 	kvm_test_require_kvm();
@@ -865,6 +1083,12 @@ int main(void)
 	tcase_add_test(local, virsh_create_from_xml);
 	tcase_add_test(local, random_calls_survive);
 	suite_add_tcase(s, local);
+
+	tcase_add_unchecked_fixture(defs, runner_setup, runner_teardown);
+	tcase_add_checked_fixture(defs, setup_local, teardown);
+	tcase_set_timeout(defs, 90);
+	tcase_add_test(defs, virsh_define_start_undefine);
+	suite_add_tcase(s, defs);
 
 	tcase_add_unchecked_fixture(mig, runner_setup, runner_teardown);
 	tcase_add_checked_fixture(mig, setup_migration, teardown);

@@ -87,6 +87,8 @@ static void print_status(struct json_object *st)
 	printf("memory:        %s\n", mem);
 	printf("vcpus:         %s\n", jstr(st, "vcpus", "?"));
 	printf("uptime:        %s\n", up);
+	if (json_object_object_get_ex(st, "listen", &g))   /* a waiting vmig incoming */
+		printf("listen:        %s\n", json_object_get_string(g));
 	if (json_object_object_get_ex(st, "workload", &g))
 		printf("workload:      %s\n", json_object_get_string(g));
 	if (json_object_object_get_ex(st, "guest", &g)) {

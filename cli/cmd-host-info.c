@@ -221,6 +221,10 @@ int evac_local_vms(struct json_object **out)
 			json_object_put(reply);
 			continue;   /* a VMM that died, or one that is going */
 		}
+		if (!strcmp(jstr(reply, "state", ""), "waiting")) {
+			json_object_put(reply);
+			continue;   /* a vmig incoming with no VM yet */
+		}
 		json_object_object_del(reply, "ok");
 		json_object_array_add(arr, reply);
 	}

@@ -24,8 +24,12 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/time.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
+
+#include <json-c/json.h>
 
 #include "vmig/migrate.h"
 #include "vmig/transport.h"
@@ -60,6 +64,8 @@ static int claim_name(void *arg, const char *name, struct vmig_err *err)
 	struct claim_ctx *c = arg;
 	char why[512];
 
+	if (c->lock_fd >= 0)
+		return 0;       /* --name, taken while waiting (the same name) */
 	if (cli_drain_check(why, sizeof(why)) < 0) {
 		vmig_err_set(err, -EBUSY, "VM '%s' refused: %s", name, why);
 		return -EBUSY;
@@ -70,7 +76,8 @@ static int claim_name(void *arg, const char *name, struct vmig_err *err)
 	}
 	c->lock_fd = cli_lock_name(name, c->paths.pid);
 	if (c->lock_fd < 0) {
-		vmig_err_set(err, -EEXIST, "a VM named '%s' already runs on this host", name);
+		vmig_err_set(err, -EEXIST, "a VM named '%s' already runs on this host, or a "
+			     "vmig incoming waits for it (see vmig list)", name);
 		return -EEXIST;
 	}
 	cli_write_pid(c->lock_fd);
@@ -299,6 +306,126 @@ static int join_channel(const char *session)
 	return VMIG_EXIT_OK;
 }
 
+/*
+ * While `incoming --listen` waits, it answers on a control socket of its
+ * own, so that an admin sees the wait and can end it: NAME.sock with
+ * --name (the name is taken from the start: a second listener for it is
+ * refused), else incoming-PID.sock.  `status` says where it waits,
+ * `stop` (or `cancel`) ends the wait, anything else is refused until the
+ * VM has arrived.  Served between the listener's accept ticks.
+ */
+struct waiting {
+	char name[256];
+	struct cli_paths own;     /* unnamed: incoming-PID's files */
+	int own_lock;
+	int ctl_fd;
+	const char *sock;
+	const char *uri;
+	uint64_t since_ns;
+	bool stop;
+};
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int waiting_open(struct waiting *w, struct claim_ctx *claim, const char *name,
+			const char *uri, struct vmig_err *err)
+{
+	int ret;
+
+	w->own_lock = w->ctl_fd = -1;
+	w->uri = uri;
+	w->since_ns = mono_ns();
+	if (name) {
+		ret = claim_name(claim, name, err);
+		if (ret)
+			return ret;
+		snprintf(w->name, sizeof(w->name), "%s", name);
+		w->sock = claim->paths.sock;
+	} else {
+		snprintf(w->name, sizeof(w->name), "incoming-%d", (int)getpid());
+		if (cli_make_paths(w->name, &w->own) < 0) {
+			vmig_err_set(err, -EINVAL, "cannot set up the run directory");
+			return -EINVAL;
+		}
+		w->own_lock = cli_lock_name(w->name, w->own.pid);
+		if (w->own_lock < 0) {
+			vmig_err_set(err, -EEXIST, "cannot take %s", w->own.pid);
+			return -EEXIST;
+		}
+		cli_write_pid(w->own_lock);
+		w->sock = w->own.sock;
+	}
+	ret = vmig_ctl_listen(w->sock, &w->ctl_fd);
+	if (ret) {
+		vmig_err_set(err, ret, "cannot listen on %s: %s", w->sock, strerror(-ret));
+		return ret;
+	}
+	fcntl(w->ctl_fd, F_SETFL, fcntl(w->ctl_fd, F_GETFL) | O_NONBLOCK);
+	return 0;
+}
+
+/* Answer the requests waiting on the control socket, if any. */
+static void waiting_serve(struct waiting *w)
+{
+	int fd;
+
+	while ((fd = accept4(w->ctl_fd, NULL, NULL, SOCK_CLOEXEC)) >= 0) {
+		struct timeval tv = { 1, 0 };      /* a client sends its line at once */
+		struct vmig_ctl_reader rd;
+		struct json_object *req = NULL, *reply, *c;
+		const char *cmd = NULL;
+
+		setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+		vmig_ctl_reader_init(&rd, fd);
+		if (vmig_ctl_recv(&rd, &req) == 0 && json_object_object_get_ex(req, "cmd", &c))
+			cmd = json_object_get_string(c);
+		if (cmd && !strcmp(cmd, "status")) {
+			reply = vmig_ctl_reply_ok();
+			json_object_object_add(reply, "name", json_object_new_string(w->name));
+			json_object_object_add(reply, "state",
+					       json_object_new_string("waiting"));
+			json_object_object_add(reply, "pid", json_object_new_int((int)getpid()));
+			json_object_object_add(reply, "listen", json_object_new_string(w->uri));
+			json_object_object_add(reply, "uptime_ms", json_object_new_uint64(
+				(mono_ns() - w->since_ns) / 1000000));
+		} else if (cmd && (!strcmp(cmd, "stop") || !strcmp(cmd, "cancel"))) {
+			reply = vmig_ctl_reply_ok();
+			w->stop = true;
+		} else {
+			reply = vmig_ctl_reply_error(EBUSY, "'%s' is waiting for a migration on %s: "
+						     "until a VM arrives, only status and stop work",
+						     w->name, w->uri);
+		}
+		if (reply)
+			vmig_ctl_send(fd, reply);
+		json_object_put(reply);
+		json_object_put(req);
+		vmig_ctl_reader_fini(&rd);
+		close(fd);
+	}
+}
+
+/* Stop answering; an unnamed wait gives its name back. */
+static void waiting_close(struct waiting *w)
+{
+	if (w->ctl_fd >= 0) {
+		close(w->ctl_fd);
+		unlink(w->sock);
+		w->ctl_fd = -1;
+	}
+	if (w->own_lock >= 0) {
+		unlink(w->own.pid);
+		close(w->own_lock);
+		w->own_lock = -1;
+	}
+}
+
 /* Receive, then serve the VM.  Runs in the (possibly detached) VMM process. */
 static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 {
@@ -320,6 +447,7 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 	struct cli_console *console = NULL;
 	struct vmig_prealloc *pa = NULL;
 	struct join_ctx join = { .listen_fd = -1 };
+	struct waiting wait = { .own_lock = -1, .ctl_fd = -1 };
 	char msg[4096 + 512];
 	int sig_fd, listen_fd = -1, ret, code = VMIG_EXIT_ERROR;
 
@@ -363,6 +491,8 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 			vmig_err_set(&err, ret, "cannot use stdin/stdout: %s", strerror(-ret));
 	} else {
 		ret = vmig_transport_listen(o->listen, &l, &err);
+		if (!ret)
+			ret = waiting_open(&wait, &claim, o->name, vmig_listener_uri(l), &err);
 		if (!ret) {
 			if (o->notify_fd >= 0) {
 				/* Success (an empty message), then the real address:
@@ -386,9 +516,18 @@ static int receive_and_serve(struct in_opts *o, const char *tmp_log)
 						ret = -EINTR;
 						break;
 					}
+					waiting_serve(&wait);
+					if (wait.stop) {
+						vmig_err_set(&err, -ECANCELED, "stopped while waiting "
+							     "for a migration (vmig stop %s)", wait.name);
+						ret = -ECANCELED;
+						break;
+					}
 				}
 			} while (ret == -ETIMEDOUT);
 		}
+		/* The VM's own socket (the same name, or its own) comes later. */
+		waiting_close(&wait);
 	}
 	if (ret) {
 		vmig_listener_close(l);

@@ -697,6 +697,79 @@ START_TEST(detached_vm_lifecycle)
 }
 END_TEST
 
+/*
+ * A waiting `vmig incoming` is visible and can be ended by name: listed
+ * as waiting with where it listens, other commands refused, its name
+ * taken, `vmig stop` ends it and leaves nothing; an unnamed one is
+ * incoming-PID; a named one still takes a migration under that name.
+ */
+START_TEST(waiting_incoming_is_listed_and_stoppable)
+{
+	struct kvm_test_result r;
+	struct json_object *o;
+	char unnamed[64];
+	const char *at;
+
+	RUN_B(&r, "incoming", "--listen", "tcp://127.0.0.1:0", "--name", "wq", "--detach");
+	ck_assert_msg(r.status == 0, "incoming: %s", r.err);
+	RUN_B(&r, "list");
+	ck_assert_msg(strstr(r.out, "wq") && strstr(r.out, "waiting"), "list: %s", r.out);
+	o = kvm_test_vm_status(run_dir_b, "wq");
+	ck_assert_str_eq(kvm_test_vm_state(o), "waiting");
+	ck_assert_msg(json_object_object_get(o, "listen") &&
+		      strstr(json_object_get_string(json_object_object_get(o, "listen")),
+			     "tcp://127.0.0.1:") &&
+		      !strstr(json_object_get_string(json_object_object_get(o, "listen")), ":0"),
+		      "status: %s", json_object_to_json_string(o));
+	json_object_put(o);
+	/* Not a VM: host-info (and so evacuate --all) leaves it out. */
+	RUN_B(&r, "host-info", "--json");
+	ck_assert_msg(r.status == 0 && !strstr(r.out, "\"wq\""), "host-info: %s", r.out);
+	RUN_B(&r, "pause", "wq");
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "waiting for a migration"), "pause: %s", r.err);
+	RUN_B(&r, "incoming", "--listen", "tcp://127.0.0.1:0", "--name", "wq", "--detach");
+	ck_assert_int_eq(r.status, 1);
+	ck_assert_msg(strstr(r.err, "waits for it"), "second listener: %s", r.err);
+	RUN_B(&r, "stop", "wq");
+	ck_assert_msg(r.status == 0, "stop: %s", r.err);
+	ck_assert(!exists_b("wq", "sock") && !exists_b("wq", "pid"));
+
+	RUN_B(&r, "incoming", "--listen", "tcp://127.0.0.1:0", "--detach");
+	ck_assert_msg(r.status == 0, "incoming: %s", r.err);
+	at = strstr(r.out, "(pid ");
+	ck_assert_msg(at, "incoming printed: %s", r.out);
+	snprintf(unnamed, sizeof(unnamed), "incoming-%d", atoi(at + 5));
+	RUN_B(&r, "list");
+	ck_assert_msg(strstr(r.out, unnamed), "list: %s", r.out);
+	RUN_B(&r, "stop", unnamed);
+	ck_assert_msg(r.status == 0, "stop: %s", r.err);
+	ck_assert(!exists_b(unnamed, "sock") && !exists_b(unnamed, "pid"));
+
+	/* Named and waiting, then a VM arrives: it runs under that name. */
+	{
+		char uri[512];
+
+		RUN(&r, "run", "wsrc", "--memory", "64M", "--workload", "rate=2000,wss=2M",
+		    "--detach");
+		ck_assert_msg(r.status == 0, "run: %s", r.err);
+		kvm_test_wait_first_page(NULL, "wsrc");
+		RUN_B(&r, "incoming", "--listen", "tcp://127.0.0.1:0", "--name", "wq2", "--detach");
+		ck_assert_msg(r.status == 0, "incoming: %s", r.err);
+		at = strstr(r.out, "tcp://");
+		ck_assert_msg(at && strstr(at, " (pid "), "incoming printed: %s", r.out);
+		snprintf(uri, sizeof(uri), "%.*s", (int)(strstr(at, " (pid ") - at), at);
+		RUN(&r, "migrate", "wsrc", uri);
+		ck_assert_msg(r.status == 0, "migrate: %s %s", r.out, r.err);
+		o = kvm_test_vm_status(run_dir_b, "wq2");
+		ck_assert_str_eq(kvm_test_vm_state(o), "running");
+		json_object_put(o);
+		RUN_B(&r, "stop", "wq2");
+		ck_assert_int_eq(r.status, 0);
+	}
+}
+END_TEST
+
 START_TEST(name_already_running)
 {
 	struct kvm_test_result r;
@@ -918,6 +991,7 @@ int main(void)
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, detached_vm_lifecycle);
 	tcase_add_test(tc, name_already_running);
+	tcase_add_test(tc, waiting_incoming_is_listed_and_stoppable);
 	tcase_add_test(tc, sigterm_stops_cleanly);
 	tcase_add_test(tc, shutdown_asks_the_guest);
 	tcase_add_test(tc, foreground_guest_power_off);

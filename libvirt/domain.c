@@ -197,7 +197,15 @@ static int vm_call(struct lv_server *s, const char *name, const char *cmd,
 
 static int vm_status(struct lv_server *s, const char *name, struct json_object **st)
 {
-	return vm_call(s, name, "status", NULL, st, NULL, 0);
+	int ret = vm_call(s, name, "status", NULL, st, NULL, 0);
+
+	/* A vmig incoming still waiting for its VM (vmig-incoming(1)): no domain yet. */
+	if (ret >= 0 && !strcmp(jstr(*st, "state", ""), "waiting")) {
+		json_object_put(*st);
+		*st = NULL;
+		return -ENOENT;
+	}
+	return ret;
 }
 
 /* vm_status(), but -ETIMEDOUT if no reply comes within @timeout_ms (the

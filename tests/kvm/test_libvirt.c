@@ -321,6 +321,16 @@ START_TEST(virsh_list_info_control)
 	ck_assert_msg(!kvm_test_exists_in(run_a, "lv1s", "sock"), "the guest did not shut down");
 	VIRSH_A(&r, "list", "--all");
 	ck_assert_msg(r.status == 0 && !line_of(r.out, "lv1s"), "after shutdown: %s", r.out);
+
+	/* A vmig incoming waiting for its VM answers status, but is no domain. */
+	VMIG_A(&r, "incoming", "--listen", "tcp://127.0.0.1:0", "--name", "lvwait", "--detach");
+	ck_assert_msg(r.status == 0, "incoming: %s", r.err);
+	VIRSH_A(&r, "list", "--all");
+	ck_assert_msg(r.status == 0 && !line_of(r.out, "lvwait"), "a waiting listener: %s", r.out);
+	VIRSH_A(&r, "dominfo", "lvwait");
+	ck_assert_int_ne(r.status, 0);
+	VMIG_A(&r, "stop", "lvwait");
+	ck_assert_msg(r.status == 0, "stop: %s", r.err);
 }
 END_TEST
 

@@ -230,6 +230,7 @@ enum {
 	OPT_MAX_THROTTLE,
 	OPT_NO_AUTO_CONVERGE,
 	OPT_CHANNELS,
+	OPT_STREAM_VERSION,
 };
 
 /* @path made absolute (the VMM has its own working directory). */
@@ -314,6 +315,7 @@ int cmd_migrate(int argc, char **argv)
 		{ "compress",     required_argument, NULL, 'c' },
 		{ "bandwidth",    required_argument, NULL, 'b' },
 		{ "channels",     required_argument, NULL, OPT_CHANNELS },
+		{ "stream-version", required_argument, NULL, OPT_STREAM_VERSION },
 		{ "max-throttle", required_argument, NULL, OPT_MAX_THROTTLE },
 		{ "no-auto-converge", no_argument,   NULL, OPT_NO_AUTO_CONVERGE },
 		{ "resume",       no_argument,       NULL, 'r' },
@@ -327,6 +329,7 @@ int cmd_migrate(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	uint32_t downtime = 300, timeout = 0, max_throttle = 99, channels = 0;   /* 0: auto */
+	uint32_t stream_version = 2;
 	uint64_t bandwidth = 0;
 	const char *on_timeout = "cancel", *compress = "auto";
 	const char *remote_vmig = NULL, *dest_name = NULL, *known_hosts = NULL, *identity = NULL;
@@ -393,6 +396,13 @@ int cmd_migrate(int argc, char **argv)
 				return cli_usage_error("migrate", "--channels must be 1 to %u",
 						       VMIG_MIGRATE_MAX_CHANNELS);
 			break;
+		case OPT_STREAM_VERSION:
+			ret = parse_u32("migrate", "--stream-version", optarg, &stream_version);
+			if (ret)
+				return ret;
+			if (stream_version < 1 || stream_version > 2)
+				return cli_usage_error("migrate", "--stream-version must be 1 or 2");
+			break;
 		case 'r':
 			resume = true;
 			break;
@@ -426,7 +436,8 @@ int cmd_migrate(int argc, char **argv)
 		case 'h':
 			printf("Usage: vmig migrate NAME URI [--max-downtime MS] [--timeout S "
 			       "--on-timeout cancel|force]\n"
-			       "                    [--compress auto|lz4|none] [--bandwidth RATE] [--channels N]\n"
+			       "                    [--compress auto|lz4|none] [--bandwidth RATE] [--channels N|auto]\n"
+			       "                    [--stream-version 1|2]\n"
 			       "                    [--max-throttle PCT | --no-auto-converge] [--resume] [--json]\n"
 			       "                    [--remote-vmig CMD] [--dest-name NAME] "
 			       "[--known-hosts FILE]\n"
@@ -448,6 +459,8 @@ int cmd_migrate(int argc, char **argv)
 			       "      --channels N|auto  send pages over N connections, each with its own\n"
 			       "                         thread (tcp://, unix:, ssh://); auto (default):\n"
 			       "                         one per CPU here, up to 4, over tcp:// and unix:\n"
+			       "      --stream-version 1 for a destination running vmig 0.1.0 from before\n"
+			       "                         stream version 2 (default 2)\n"
 			       "  -r, --resume           a paused VM runs on arrival\n"
 			       "  -j, --json             print one JSON object with the result\n\n"
 			       "ssh:// only:\n"
@@ -499,6 +512,8 @@ int cmd_migrate(int argc, char **argv)
 	if (channels > 1)
 		json_object_object_add(req, "channels", json_object_new_int64(channels));
 	json_object_object_add(req, "resume", json_object_new_boolean(resume));
+	if (stream_version != 2)
+		json_object_object_add(req, "stream_version", json_object_new_int64(stream_version));
 	return follow(argv[optind], req, json, "migration", true);
 }
 

@@ -123,6 +123,7 @@ static const char *jstr_or_null(struct json_object *o, const char *key)
 
 /* "migrate" {uri, max_downtime_ms, timeout_s, on_timeout, compress (true,
  * false, "lz4", "none", "auto"), bandwidth_bps, channels, max_throttle, resume,
+ * stream_version (1 or 2),
  * ssh: {remote_vmig, dest_name, known_hosts, accept_new_host_key, identity,
  * agent_socket}} or "save" {path, keep_running}: the client then receives
  * the progress. */
@@ -189,6 +190,9 @@ static struct json_object *start_migration(struct server *s, struct client *c,
 		}
 		p.bandwidth_bps = jnum(req, "bandwidth_bps", 0);
 		p.channels = (unsigned int)jnum(req, "channels", 1);
+		p.stream_version = (unsigned int)jnum(req, "stream_version", 0);
+		if (p.stream_version > 2)
+			return vmig_ctl_reply_error(EINVAL, "stream_version must be 1 or 2");
 		if (jnum(req, "max_throttle", VMIG_VM_MAX_THROTTLE) > VMIG_VM_MAX_THROTTLE)
 			return vmig_ctl_reply_error(EINVAL, "max_throttle must be 0 to %u",
 						    VMIG_VM_MAX_THROTTLE);

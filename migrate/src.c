@@ -275,7 +275,11 @@ static int take_early(struct vmig_migration *m, const struct vmig_record *rec)
 		return take_ack(m, rec);
 	if (rec->type == VMIG_REC_NACK &&
 	    vmig_stream_parse_error(rec, &e, msg, sizeof(msg), &m->err) == 0) {
-		vmig_err_set(&m->err, e ? e : -EPROTO, "the destination refused: %s", msg);
+		/* vmig 0.1.0 from before LIVE_PAGES: say what to do. */
+		vmig_err_set(&m->err, e ? e : -EPROTO, "the destination refused: %s%s", msg,
+			     strstr(msg, "stream version 2 is not supported") ?
+			     " (its vmig is older: upgrade it, or migrate with --stream-version 1)" :
+			     "");
 		return e ? e : -EPROTO;
 	}
 	vmig_err_set(&m->err, -EPROTO, "the destination sent %s before the switchover",
@@ -670,6 +674,7 @@ static void *channel_thread(void *arg)
 /* Connect and start the extra channels (setup, after CONFIG went out). */
 static int channels_open(struct vmig_migration *m)
 {
+	struct vmig_err cerr = { 0 };
 	unsigned int i;
 	int ret;
 
@@ -690,15 +695,27 @@ static int channels_open(struct vmig_migration *m)
 			snprintf(args, sizeof(args), "incoming --join %016" PRIx64, m->session);
 			o.remote_args = args;
 			ret = vmig_transport_connect_ssh(m->uri, &o, CONNECT_TIMEOUT_MS, &ch->t,
-							 &m->err);
+							 &cerr);
 		} else {
-			ret = vmig_transport_connect(m->uri, CONNECT_TIMEOUT_MS, &ch->t, &m->err);
+			ret = vmig_transport_connect(m->uri, CONNECT_TIMEOUT_MS, &ch->t, &cerr);
 		}
-		if (ret)
+		if (ret) {
+			/*
+			 * A destination that refused the stream (say, an older
+			 * vmig) has closed its listener too: its reason, which
+			 * is on its way on the first connection, comes first.
+			 */
+			struct pollfd pfd = { .fd = vmig_transport_fd(m->t), .events = POLLIN };
+
+			if (pfd.fd >= 0)
+				poll(&pfd, 1, 500);
+			peer_reason(m);
+			vmig_err_set(&m->err, cerr.code, "%s", cerr.msg);
 			return ret;
+		}
 		vmig_transport_set_timeout(ch->t, IO_TIMEOUT_MS);
 		ret = vmig_stream_writer_create(ch->t, VMIG_STREAM_FORWARD, &ch->w);
-		if (!ret)
+		if (!ret && m->p.stream_version != 1)
 			ret = vmig_stream_writer_set_live(ch->w, true);
 		if (ret) {
 			vmig_err_set(&m->err, ret, "out of memory");
@@ -998,7 +1015,7 @@ static int setup(struct vmig_migration *m)
 	vmig_transport_set_timeout(m->t, IO_TIMEOUT_MS);
 	ret = vmig_stream_writer_create(m->t, VMIG_STREAM_FORWARD, &m->w);
 	/* Raw pages straight from guest RAM (LIVE_PAGES), no copy. */
-	if (!ret)
+	if (!ret && m->p.stream_version != 1)
 		ret = vmig_stream_writer_set_live(m->w, true);
 	if (!ret && !m->is_file)
 		ret = vmig_stream_reader_create(m->t, VMIG_STREAM_REVERSE, &m->r);

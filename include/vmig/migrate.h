@@ -61,6 +61,12 @@ struct vmig_migrate_params {
 	 */
 	unsigned int throttle_initial, throttle_step, throttle_max;
 	bool resume_dst;            /* a paused VM arrives running */
+	/*
+	 * The stream version to send: 0 (the newest, 2) or 1, for a
+	 * destination running vmig 0.1.0 from before LIVE_PAGES (raw pages
+	 * are then copied before they are sent, as that version expects).
+	 */
+	unsigned int stream_version;
 	bool stop_after;            /* save: stop the VM once the file is complete */
 };
 

@@ -901,6 +901,8 @@ START_TEST(bad_flags)
 		{ "migrate", "x", "tcp://127.0.0.1:1", "--compress", "zstd", NULL },
 		{ "migrate", "x", "tcp://127.0.0.1:1", "--bandwidth", "0", NULL },
 		{ "migrate", "x", "tcp://127.0.0.1:1", "--max-throttle", "100", NULL },
+		{ "migrate", "x", "tcp://127.0.0.1:1", "--stream-version", "3", NULL },
+		{ "migrate", "x", "tcp://127.0.0.1:1", "--channels", "none", NULL },
 		{ "incoming", "--listen", "tcp://127.0.0.1:1", "--prealloc", "3M", NULL },
 	};
 	struct kvm_test_result r;

@@ -968,6 +968,75 @@ static void feed_expect_error(const uint8_t *buf, size_t len, const char *what)
 	ck_assert_msg(d.err.msg[0], "%s: no message (ret %d)", what, d.ret);
 }
 
+/* Record types found in a saved stream: a bit per type below 64. */
+static uint64_t record_types(const uint8_t *buf, size_t len)
+{
+	size_t at = VMIG_STREAM_HEADER_SIZE;
+	uint64_t seen = 0;
+
+	while (at + VMIG_STREAM_REC_HEADER <= len) {
+		uint32_t type;
+		uint64_t rlen;
+
+		memcpy(&type, buf + at, 4);
+		memcpy(&rlen, buf + at + 8, 8);
+		if (type < 64)
+			seen |= 1ull << type;
+		at += VMIG_STREAM_REC_HEADER + rlen + ((8 - rlen % 8) % 8) + VMIG_STREAM_REC_TRAILER;
+	}
+	return seen;
+}
+
+/*
+ * --stream-version 1 (a destination running vmig 0.1.0): a version-1
+ * stream with PAGES only, which loads; the default is version 2 with
+ * LIVE_PAGES.
+ */
+START_TEST(stream_version_1_for_old_destinations)
+{
+	for (unsigned int v = 1; v <= 2; v++) {
+		struct vmig_vm *src = make_vm(32 << 20, 1, "rate=max,wss=1M,fill=random,quiet");
+		struct vmig_migrate_params p = { .max_downtime_ms = 300, .stream_version = v,
+						 .compress = VMIG_COMPRESS_NONE };
+		struct vmig_migrate_stats st;
+		struct dst_ctx d;
+		char uri[300], path[200];
+		uint8_t *buf;
+		uint64_t types;
+		uint32_t version;
+		struct stat sb;
+		int fd;
+
+		wait_guest(src, 1);
+		snprintf(path, sizeof(path), "%s/v%u.save", tmpdir, v);
+		snprintf(uri, sizeof(uri), "file:%s", path);
+		p.uri = uri;
+		ck_assert_int_eq(migrate_p(src, p, -1, &st), VMIG_MIGRATE_COMPLETED);
+		vmig_vm_destroy(src);
+		fd = open(path, O_RDONLY);
+		ck_assert_int_ge(fd, 0);
+		ck_assert_int_eq(fstat(fd, &sb), 0);
+		buf = malloc(sb.st_size);
+		ck_assert_int_eq(read(fd, buf, sb.st_size), (ssize_t)sb.st_size);
+		close(fd);
+		memcpy(&version, buf + 8, 4);
+		types = record_types(buf, sb.st_size);
+		ck_assert_uint_eq(version, v);
+		if (v == 1)
+			ck_assert_msg((types & (1ull << VMIG_REC_PAGES)) &&
+				      !(types & (1ull << VMIG_REC_LIVE_PAGES)),
+				      "version 1: record types 0x%llx", (unsigned long long)types);
+		else
+			ck_assert_msg(types & (1ull << VMIG_REC_LIVE_PAGES),
+				      "version 2: record types 0x%llx", (unsigned long long)types);
+		feed(buf, sb.st_size, &d);
+		ck_assert_msg(d.ret == 0, "version %u refused: %s", v, d.err.msg);
+		vmig_vm_destroy(d.vm);
+		free(buf);
+	}
+}
+END_TEST
+
 START_TEST(damaged_streams_fail_cleanly)
 {
 	static const double cuts[] = { 0, 0.0001, 0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999 };
@@ -1052,6 +1121,7 @@ int main(void)
 	tcase_add_test(fail, destination_failures);
 	tcase_add_test(fail, lost_after_commit_is_uncertain);
 	tcase_add_test(fail, damaged_streams_fail_cleanly);
+	tcase_add_test(fail, stream_version_1_for_old_destinations);
 	suite_add_tcase(s, fail);
 	return kvm_test_run(s);
 }

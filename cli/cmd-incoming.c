@@ -64,12 +64,13 @@ static int claim_name(void *arg, const char *name, struct vmig_err *err)
 	struct claim_ctx *c = arg;
 	char why[512];
 
-	if (c->lock_fd >= 0)
-		return 0;       /* --name, taken while waiting (the same name) */
+	/* Also when the name was taken earlier: the host may be drained since. */
 	if (cli_drain_check(why, sizeof(why)) < 0) {
 		vmig_err_set(err, -EBUSY, "VM '%s' refused: %s", name, why);
 		return -EBUSY;
 	}
+	if (c->lock_fd >= 0)
+		return 0;       /* --name, taken while waiting (the same name) */
 	if (cli_make_paths(name, &c->paths) < 0) {
 		vmig_err_set(err, -EINVAL, "cannot set up the run directory for '%s'", name);
 		return -EINVAL;

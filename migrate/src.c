@@ -183,6 +183,8 @@ struct json_object *vmig_migrate_stats_json(const struct vmig_migrate_stats *s)
 	U64("state_bytes", s->state_bytes);
 	U64("throttle_pct", s->throttle_pct);
 	U64("bandwidth_limit_bps", s->bandwidth_limit_bps);
+	U64("channels", s->channels);
+	U64("stream_version", s->stream_version);
 #undef U64
 	pages = json_object_new_object();
 	json_object_object_add(pages, "zero", json_object_new_uint64(s->pages_zero));
@@ -1523,6 +1525,8 @@ int vmig_migrate_src_start(struct vmig_vm *vm, const struct vmig_migrate_params 
 	m->stats.bandwidth_limit_bps = p->bandwidth_bps;
 	pthread_cond_init(&m->ch_cond, NULL);
 	m->nr_ch = p->channels > 1 ? p->channels : 1;
+	m->stats.channels = m->nr_ch;
+	m->stats.stream_version = p->stream_version == 1 ? 1 : 2;
 	if (m->nr_ch > 1) {
 		struct timespec ts;
 

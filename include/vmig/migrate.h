@@ -97,6 +97,8 @@ struct vmig_migrate_stats {
 	uint64_t state_bytes;
 	unsigned int throttle_pct;     /* vCPU throttle now (auto-converge) */
 	uint64_t bandwidth_limit_bps;  /* the cap in force, 0 = none */
+	unsigned int channels;         /* connections carrying pages */
+	unsigned int stream_version;   /* of the forward stream (vmig-stream(5)) */
 	char error[512];
 };
 

@@ -198,6 +198,15 @@ static void migrate_over(const char *uri_fmt, const char *channels)
 	ck_assert_msg(r.status == 0, "migrate: exit %d: %s %s", r.status, r.out, r.err);
 	res = json_tokener_parse(r.out);
 	ck_assert_msg(res, "--json printed: %s", r.out);
+	/* --channels auto: one connection per CPU here, at most 4. */
+	{
+		long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+		uint64_t want = channels ? strtoull(channels, NULL, 10) :
+				cpus < 1 ? 1 : cpus > 4 ? 4 : (uint64_t)cpus;
+
+		ck_assert_uint_eq(kvm_test_ju64(res, "channels"), want);
+		ck_assert_uint_eq(kvm_test_ju64(res, "stream_version"), 2);
+	}
 	if (channels) {
 		struct json_object *pg = json_object_object_get(res, "pages");
 

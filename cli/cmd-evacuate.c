@@ -78,6 +78,7 @@ struct evac_opts {
 	uint32_t max_downtime;
 	uint32_t timeout_per_gib;
 	const char *on_timeout;
+	uint32_t stream_version;   /* 0: the default (2) */
 	bool dry_run;
 	const char *report;
 	bool json;
@@ -208,6 +209,7 @@ static void usage(void)
 	       "                     [--parallel N] [--order small-first|large-first|NAME,...]\n"
 	       "                     [--bandwidth TOTAL] [--max-downtime MS]\n"
 	       "                     [--timeout-per-gib S [--on-timeout cancel|force]]\n"
+	       "                     [--stream-version 1|2]\n"
 	       "                     [--dry-run] [--report FILE] [--json] [--reason TEXT]\n"
 	       "                     [--remote-vmig CMD] [--known-hosts FILE]\n"
 	       "                     [--accept-new-host-key] [--identity FILE]\n\n"
@@ -230,6 +232,7 @@ static void usage(void)
 	       "      --timeout-per-gib S  give up (or force) a migration not converged\n"
 	       "                         after S seconds per GiB of its VM's memory\n"
 	       "      --on-timeout WHAT  cancel (default) or force\n"
+	       "      --stream-version 1 for targets still running vmig 0.1.0 (default 2)\n"
 	       "  -n, --dry-run          print the plan, change nothing\n"
 	       "  -r, --report FILE      write a JSON report: every VM's result, target,\n"
 	       "                         times, downtime, bytes and error\n"
@@ -249,6 +252,7 @@ enum {
 	OPT_KNOWN_HOSTS,
 	OPT_ACCEPT_NEW,
 	OPT_REASON,
+	OPT_STREAM_VERSION,
 };
 
 static int parse_opts(int argc, char **argv, struct evac_opts *o)
@@ -267,6 +271,7 @@ static int parse_opts(int argc, char **argv, struct evac_opts *o)
 		{ "report",          required_argument, NULL, 'r' },
 		{ "json",            no_argument,       NULL, 'j' },
 		{ "reason",          required_argument, NULL, OPT_REASON },
+		{ "stream-version",  required_argument, NULL, OPT_STREAM_VERSION },
 		{ "remote-vmig",     required_argument, NULL, OPT_REMOTE_VMIG },
 		{ "known-hosts",     required_argument, NULL, OPT_KNOWN_HOSTS },
 		{ "accept-new-host-key", no_argument,   NULL, OPT_ACCEPT_NEW },
@@ -323,6 +328,13 @@ static int parse_opts(int argc, char **argv, struct evac_opts *o)
 				return ret;
 			if (!o->max_downtime)
 				return cli_usage_error("evacuate", "--max-downtime must be at least 1 ms");
+			break;
+		case OPT_STREAM_VERSION:
+			ret = parse_u32("--stream-version", optarg, &o->stream_version);
+			if (ret)
+				return ret;
+			if (o->stream_version < 1 || o->stream_version > 2)
+				return cli_usage_error("evacuate", "--stream-version must be 1 or 2");
 			break;
 		case OPT_TIMEOUT_PER_GIB:
 			ret = parse_u32("--timeout-per-gib", optarg, &o->timeout_per_gib);
@@ -664,6 +676,9 @@ static void start_one(struct run *r, struct run_vm *v)
 	json_object_object_add(req, "compress", json_object_new_boolean(1));
 	if (r->bw_share)
 		json_object_object_add(req, "bandwidth_bps", json_object_new_uint64(r->bw_share));
+	if (o->stream_version)
+		json_object_object_add(req, "stream_version",
+				       json_object_new_int64(o->stream_version));
 	ret = vmig_ctl_send(v->fd, req);
 	json_object_put(req);
 	if (ret < 0) {
@@ -1011,6 +1026,8 @@ static struct json_object *report_json(const struct run *r, const char *result,
 				ju64(v->result, "transferred_bytes")));
 			json_object_object_add(e, "iterations",
 					       json_object_new_uint64(ju64(v->result, "iterations")));
+			json_object_object_add(e, "stream_version",
+					       json_object_new_uint64(ju64(v->result, "stream_version")));
 		}
 		json_object_object_add(e, "error", v->error[0] ?
 				       json_object_new_string(v->error) : NULL);

@@ -265,6 +265,31 @@ static void check_continues(struct vmig_vm *src, struct vmig_vm *dst, unsigned i
 	ck_assert_msg(vmig_guest_verify(dst, &err) == 0, "after running on: %s", err.msg);
 }
 
+/*
+ * Migrate @src with @p (its uri set here) to a live destination in a
+ * thread, paused on arrival as @d says; the destination's result in @d.
+ */
+static enum vmig_migrate_status migrate_live(struct vmig_vm *src, struct vmig_migrate_params p,
+					     struct dst_ctx *d, struct vmig_migrate_stats *st)
+{
+	enum vmig_migrate_status s;
+
+	dst_listen(d, true);
+	p.uri = d->uri;
+	s = migrate_p(src, p, -1, st);
+	dst_join(d);
+	return s;
+}
+
+/* @dst holds exactly @src's memory and its @vcpus go on from there; both go. */
+static void arrived_whole(struct vmig_vm *src, struct vmig_vm *dst, unsigned int vcpus)
+{
+	compare_memory(src, dst);
+	check_continues(src, dst, vcpus);
+	vmig_vm_destroy(dst);
+	vmig_vm_destroy(src);
+}
+
 static void migrate_case(unsigned int vcpus, bool tcp, const char *workload,
 			 enum vmig_compress compress, unsigned int channels)
 {
@@ -298,10 +323,7 @@ static void migrate_case(unsigned int vcpus, bool tcp, const char *workload,
 	if (compress == VMIG_COMPRESS_NONE)
 		ck_assert_msg(st.pages_lz4 == 0, "%" PRIu64 " lz4 pages with compression off",
 			      st.pages_lz4);
-	compare_memory(src, d.vm);
-	check_continues(src, d.vm, vcpus);
-	vmig_vm_destroy(d.vm);
-	vmig_vm_destroy(src);
+	arrived_whole(src, d.vm, vcpus);
 }
 
 static const struct {
@@ -344,10 +366,7 @@ START_TEST(migrates_4g_guest)
 	dst_join(&d);
 	ck_assert_msg(d.ret == 0, "destination: %s", d.err.msg);
 	ck_assert_uint_eq(st.ram_total_bytes, 4ull << 30);
-	compare_memory(src, d.vm);
-	check_continues(src, d.vm, 2);
-	vmig_vm_destroy(d.vm);
-	vmig_vm_destroy(src);
+	arrived_whole(src, d.vm, 2);
 }
 END_TEST
 
@@ -410,11 +429,8 @@ START_TEST(timeout_cancels_or_forces)
 
 	wait_guest(src, 1);
 	/* 1 ms with 64 MiB dirtied at full speed never converges: cancel at 1 s. */
-	dst_listen(&d, true);
-	p.uri = d.uri;
 	p.on_timeout = VMIG_ON_TIMEOUT_CANCEL;
-	ck_assert_int_eq(migrate_p(src, p, -1, &st), VMIG_MIGRATE_FAILED);
-	dst_join(&d);
+	ck_assert_int_eq(migrate_live(src, p, &d, &st), VMIG_MIGRATE_FAILED);
 	ck_assert_msg(strstr(st.error, "did not converge within 1 s"), "%s", st.error);
 	ck_assert_msg(st.total_ms >= 1000 && st.total_ms < 10000, "took %" PRIu64 " ms",
 		      st.total_ms);
@@ -427,18 +443,12 @@ START_TEST(timeout_cancels_or_forces)
 	/* The same with force: it switches over at 1 s and arrives whole. */
 	memset(&d, 0, sizeof(d));
 	d.paused = true;
-	dst_listen(&d, true);
-	p.uri = d.uri;
 	p.on_timeout = VMIG_ON_TIMEOUT_FORCE;
-	ck_assert_int_eq(migrate_p(src, p, -1, &st), VMIG_MIGRATE_COMPLETED);
-	dst_join(&d);
+	ck_assert_int_eq(migrate_live(src, p, &d, &st), VMIG_MIGRATE_COMPLETED);
 	ck_assert_msg(d.ret == 0, "destination: %s", d.err.msg);
 	ck_assert_msg(st.total_ms >= 1000, "forced before the timeout: %" PRIu64 " ms",
 		      st.total_ms);
-	compare_memory(src, d.vm);
-	check_continues(src, d.vm, 1);
-	vmig_vm_destroy(d.vm);
-	vmig_vm_destroy(src);
+	arrived_whole(src, d.vm, 1);
 }
 END_TEST
 
@@ -459,10 +469,7 @@ START_TEST(bandwidth_cap_holds)
 
 	wait_guest(src, 1);
 	kvm_test_sleep_ms(300);          /* every page of the working set stamped */
-	dst_listen(&d, true);
-	p.uri = d.uri;
-	ck_assert_int_eq(migrate_p(src, p, -1, &st), VMIG_MIGRATE_COMPLETED);
-	dst_join(&d);
+	ck_assert_int_eq(migrate_live(src, p, &d, &st), VMIG_MIGRATE_COMPLETED);
 	ck_assert_msg(d.ret == 0, "destination: %s", d.err.msg);
 	printf("bandwidth cap 16 MiB/s: %" PRIu64 " bytes in %" PRIu64 " ms, %" PRIu64
 	       " iterations\n", st.transferred_bytes, st.total_ms, st.iteration);
@@ -471,10 +478,7 @@ START_TEST(bandwidth_cap_holds)
 	ck_assert_msg(st.total_ms >= 800, "16 MiB at 16 MiB/s took %" PRIu64 " ms",
 		      st.total_ms);
 	ck_assert_uint_eq(st.bandwidth_limit_bps, 16 << 20);
-	compare_memory(src, d.vm);
-	check_continues(src, d.vm, 1);
-	vmig_vm_destroy(d.vm);
-	vmig_vm_destroy(src);
+	arrived_whole(src, d.vm, 1);
 }
 END_TEST
 
@@ -507,10 +511,7 @@ START_TEST(auto_converge_throttles)
 	kvm_test_sleep_ms(300);
 
 	/* Throttling off: no convergence. */
-	dst_listen(&d, true);
-	p.uri = d.uri;
-	ck_assert_int_eq(migrate_p(src, p, -1, &st), VMIG_MIGRATE_FAILED);
-	dst_join(&d);
+	ck_assert_int_eq(migrate_live(src, p, &d, &st), VMIG_MIGRATE_FAILED);
 	ck_assert_msg(strstr(st.error, "did not converge"), "%s", st.error);
 	ck_assert_uint_eq(st.throttle_pct, 0);
 	ck_assert_uint_eq(vmig_vm_throttle(src), 0);
@@ -545,11 +546,8 @@ START_TEST(auto_converge_throttles)
 	 * and paced at half the cap each): it converges and arrives whole. */
 	memset(&d, 0, sizeof(d));
 	d.paused = true;
-	dst_listen(&d, true);
-	p.uri = d.uri;
 	p.channels = 2;
-	ck_assert_int_eq(migrate_p(src, p, -1, &st), VMIG_MIGRATE_COMPLETED);
-	dst_join(&d);
+	ck_assert_int_eq(migrate_live(src, p, &d, &st), VMIG_MIGRATE_COMPLETED);
 	ck_assert_msg(d.ret == 0, "destination: %s", d.err.msg);
 	printf("auto-converge: %" PRIu64 " ms, downtime %" PRIu64 " ms, %" PRIu64
 	       " iterations, throttle %u %%, %" PRIu64 " bytes\n", st.total_ms, st.downtime_ms,
@@ -559,10 +557,7 @@ START_TEST(auto_converge_throttles)
 		      "%" PRIu64 " bytes in %" PRIu64 " ms at 16 MiB/s", st.transferred_bytes,
 		      st.total_ms);
 	ck_assert_uint_ge(st.throttle_pct, 50);
-	compare_memory(src, d.vm);
-	check_continues(src, d.vm, 1);
-	vmig_vm_destroy(d.vm);
-	vmig_vm_destroy(src);
+	arrived_whole(src, d.vm, 1);
 }
 END_TEST
 
@@ -583,10 +578,7 @@ START_TEST(channels_refused_cleanly)
 	uint64_t a;
 
 	wait_guest(src, 1);
-	dst_listen(&d, true);
-	p.uri = d.uri;
-	ck_assert_int_eq(migrate_p(src, p, -1, &st), VMIG_MIGRATE_FAILED);
-	dst_join(&d);
+	ck_assert_int_eq(migrate_live(src, p, &d, &st), VMIG_MIGRATE_FAILED);
 	ck_assert_msg(strstr(st.error, "takes one"), "%s", st.error);
 	ck_assert(d.ret != 0 && !d.vm);
 	ck_assert_int_eq(vmig_vm_state(src), VMIG_VM_RUNNING);
@@ -679,10 +671,7 @@ START_TEST(save_restore_round_trip)
 	ck_assert_int_eq(vmig_transport_open_file(path, false, &d.t, &err), 0);
 	dst_main(&d);
 	ck_assert_msg(d.ret == 0, "restore: %s", d.err.msg);
-	compare_memory(src, d.vm);
-	check_continues(src, d.vm, 2);
-	vmig_vm_destroy(d.vm);
-	vmig_vm_destroy(src);
+	arrived_whole(src, d.vm, 2);
 }
 END_TEST
 

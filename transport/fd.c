@@ -301,41 +301,21 @@ static void fd_close(struct vmig_transport *t)
 	free(f);
 }
 
-static const struct vmig_transport_ops fd_ops = {
-	.kind = "fd",
-	.read = fd_read,
-	.readv = fd_readv,
-	.write = fd_write,
-	.writev = fd_writev,
-	.shutdown_write = fd_shutdown_write,
-	.set_timeout = fd_set_timeout,
-	.close = fd_close,
-	.fd = fd_fd,
-};
-
-static const struct vmig_transport_ops tcp_ops = {
-	.kind = "tcp",
-	.read = fd_read,
-	.readv = fd_readv,
-	.write = fd_write,
-	.writev = fd_writev,
-	.shutdown_write = fd_shutdown_write,
-	.set_timeout = fd_set_timeout,
-	.close = fd_close,
-	.fd = fd_fd,
-};
-
-static const struct vmig_transport_ops unix_ops = {
-	.kind = "unix",
-	.read = fd_read,
-	.readv = fd_readv,
-	.write = fd_write,
-	.writev = fd_writev,
-	.shutdown_write = fd_shutdown_write,
-	.set_timeout = fd_set_timeout,
-	.close = fd_close,
-	.fd = fd_fd,
-};
+/* fd, tcp and unix differ only in the name they give. */
+#define FD_OPS(name, k) static const struct vmig_transport_ops name = {	\
+	.kind = k,							\
+	.read = fd_read,						\
+	.readv = fd_readv,						\
+	.write = fd_write,						\
+	.writev = fd_writev,						\
+	.shutdown_write = fd_shutdown_write,				\
+	.set_timeout = fd_set_timeout,					\
+	.close = fd_close,						\
+	.fd = fd_fd,							\
+}
+FD_OPS(fd_ops, "fd");
+FD_OPS(tcp_ops, "tcp");
+FD_OPS(unix_ops, "unix");
 
 /* Takes ownership of the fds, also on failure. */
 static int fd_transport_new(int rfd, int wfd,

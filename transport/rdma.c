@@ -250,6 +250,11 @@ static int check_device(const char *what, const char *desc, struct vmig_err *err
 	return -ENODEV;
 }
 
+int vmig_transport_rdma_check(struct vmig_err *err)
+{
+	return check_device("use", "rdma://", err);
+}
+
 static const char *cm_event_hint(int event)
 {
 	switch (event) {

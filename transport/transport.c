@@ -657,4 +657,10 @@ int vmig__rdma_accept(struct vmig__rdma_listener *l, int timeout_ms,
 void vmig__rdma_listener_close(struct vmig__rdma_listener *l)
 {
 }
+
+int vmig_transport_rdma_check(struct vmig_err *err)
+{
+	vmig_err_set(err, -EPROTONOSUPPORT, VMIG_RDMA_UNBUILT_MSG);
+	return -EPROTONOSUPPORT;
+}
 #endif

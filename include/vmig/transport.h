@@ -282,6 +282,13 @@ int vmig_listener_fd(const struct vmig_listener *l);
 /* Close; removes a unix socket file it created.  NULL-safe. */
 void vmig_listener_close(struct vmig_listener *l);
 
+/*
+ * Can rdma:// work on this host?  0 if vmig has RDMA support and an RDMA
+ * device is there; else -EPROTONOSUPPORT (built without it) or -ENODEV,
+ * with the reason and what to do in @err.
+ */
+int vmig_transport_rdma_check(struct vmig_err *err);
+
 /* ------------------------------------------------------------------------
  * Direct placement of guest memory (rdma:// only; docs/rdma.md)
  *

@@ -23,11 +23,9 @@
 #include <inttypes.h>
 #include <signal.h>
 
-#ifdef HAVE_RDMA
-#include <infiniband/verbs.h>
-#endif
 #include <json-c/json.h>
 
+#include "vmig/transport.h"
 #include "kvm-test.h"
 #include "proc-test.h"
 
@@ -69,23 +67,12 @@ static void runner_teardown(void)
 /* What a host without RDMA says, and why (for the SKIP line). */
 static bool have_device(char *why, size_t len)
 {
-#ifdef HAVE_RDMA
-	struct ibv_device **list;
-	int n = 0;
+	struct vmig_err err = { 0 };
 
-	errno = 0;
-	list = ibv_get_device_list(&n);
-	if (list)
-		ibv_free_device_list(list);
-	if (list && n > 0)
+	if (vmig_transport_rdma_check(&err) == 0)
 		return true;
-	snprintf(why, len, "no RDMA device: ibv_get_device_list found none (%s)",
-		 errno ? strerror(errno) : "empty list");
+	snprintf(why, len, "%.240s", err.msg);   /* a SKIP line */
 	return false;
-#else
-	snprintf(why, len, "vmig was built without RDMA support");
-	return false;
-#endif
 }
 
 #ifdef HAVE_RDMA

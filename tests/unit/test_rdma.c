@@ -126,23 +126,12 @@ END_TEST
 
 static bool have_device(char *why, size_t len)
 {
-#ifdef HAVE_RDMA
-	struct ibv_device **list;
-	int n = 0;
+	struct vmig_err err = { 0 };
 
-	errno = 0;
-	list = ibv_get_device_list(&n);
-	if (list)
-		ibv_free_device_list(list);
-	if (list && n > 0)
+	if (vmig_transport_rdma_check(&err) == 0)
 		return true;
-	snprintf(why, len, "no RDMA device: ibv_get_device_list found none (%s)",
-		 errno ? strerror(errno) : "empty list");
+	snprintf(why, len, "%.240s", err.msg);   /* a SKIP line */
 	return false;
-#else
-	snprintf(why, len, "vmig was built without RDMA support");
-	return false;
-#endif
 }
 
 START_TEST(test_no_device_or_support)

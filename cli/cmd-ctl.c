@@ -202,26 +202,11 @@ int cmd_resume(int argc, char **argv)
 /* Wait until the VMM releases NAME.pid's lock, i.e. has finished. */
 int cli_wait_gone(const char *name, int timeout_ms)
 {
-	char path[4096];
-	int fd, waited = 0;
+	char dir[4096];
 
-	if (cli_vm_path(name, "pid", path, sizeof(path)) < 0)
+	if (vmig_vm_name_valid(name) < 0 || vmig_rundir_get(dir, sizeof(dir)) < 0)
 		return -EINVAL;
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return errno == ENOENT ? 0 : -errno;
-	while (flock(fd, LOCK_SH | LOCK_NB) < 0) {
-		struct timespec ts = { 0, 20 * 1000000 };
-
-		if (waited >= timeout_ms) {
-			close(fd);
-			return -ETIMEDOUT;
-		}
-		nanosleep(&ts, NULL);
-		waited += 20;
-	}
-	close(fd);
-	return 0;
+	return vmig_rundir_wait_gone(dir, name, timeout_ms);
 }
 
 int cmd_stop(int argc, char **argv)

@@ -1689,26 +1689,7 @@ static int p_get_xml_desc(struct lv_call *c)
 /* Wait until VM @name's VMM has exited (its pid file lock is free). */
 static int wait_gone(struct lv_server *s, const char *name, int timeout_ms)
 {
-	char path[4200];
-	int fd, waited = 0;
-
-	if (vmig_rundir_path(s->run_dir, name, "pid", path, sizeof(path)) < 0)
-		return -EINVAL;
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return errno == ENOENT ? 0 : -errno;
-	while (flock(fd, LOCK_SH | LOCK_NB) < 0) {
-		struct timespec ts = { 0, 20 * 1000000 };
-
-		if (waited >= timeout_ms) {
-			close(fd);
-			return -ETIMEDOUT;
-		}
-		nanosleep(&ts, NULL);
-		waited += 20;
-	}
-	close(fd);
-	return 0;
+	return vmig_rundir_wait_gone(s->run_dir, name, timeout_ms);
 }
 
 static int simple_vm_cmd(struct lv_call *c, const char *cmd, bool with_flags)

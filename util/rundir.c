@@ -10,10 +10,13 @@
 #define _GNU_SOURCE 1
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -128,4 +131,28 @@ int vmig_rundir_path(const char *dir, const char *name, const char *suffix,
 	else
 		n = snprintf(buf, len, "%s/%s", dir, name);
 	return path_result(n, len);
+}
+
+int vmig_rundir_wait_gone(const char *dir, const char *name, int timeout_ms)
+{
+	char path[PATH_MAX];
+	int fd, waited = 0;
+
+	if (vmig_rundir_path(dir, name, "pid", path, sizeof(path)) < 0)
+		return -EINVAL;
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? 0 : -errno;
+	while (flock(fd, LOCK_SH | LOCK_NB) < 0) {
+		struct timespec ts = { 0, 20 * 1000000 };
+
+		if (waited >= timeout_ms) {
+			close(fd);
+			return -ETIMEDOUT;
+		}
+		nanosleep(&ts, NULL);
+		waited += 20;
+	}
+	close(fd);
+	return 0;
 }

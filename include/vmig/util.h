@@ -241,6 +241,13 @@ int vmig_vm_name_valid(const char *name);
 int vmig_rundir_path(const char *dir, const char *name, const char *suffix,
 		     char *buf, size_t len);
 
+/*
+ * Wait until the VMM of @name in @dir has exited: its pid file's lock is
+ * free (or there is no pid file).  0, -ETIMEDOUT after @timeout_ms, or
+ * -errno.
+ */
+int vmig_rundir_wait_gone(const char *dir, const char *name, int timeout_ms);
+
 /* ------------------------------------------------------------------------
  * Error context (log.c)
  *

@@ -1735,14 +1735,19 @@ int vmig_stream_parse_config(const struct vmig_record *rec,
 	return 0;
 }
 
+/* @rec is a @type record with a body that passes its checks. */
+static int typed_body(const struct vmig_record *rec, uint32_t type, struct vmig_err *err)
+{
+	int ret = expect_type(rec, type, err);
+
+	return ret < 0 ? ret : body_check(rec, NULL, err);
+}
+
 int vmig_stream_parse_iter_end(const struct vmig_record *rec, uint64_t *iter,
 			       uint64_t *pages, struct vmig_err *err)
 {
-	int ret = expect_type(rec, VMIG_REC_ITER_END, err);
+	int ret = typed_body(rec, VMIG_REC_ITER_END, err);
 
-	if (ret < 0)
-		return ret;
-	ret = body_check(rec, NULL, err);
 	if (ret < 0)
 		return ret;
 	*iter = get_le64(rec->body);
@@ -1754,11 +1759,8 @@ int vmig_stream_parse_channel(const struct vmig_record *rec, uint64_t *session,
 			      uint32_t *index, uint32_t *count, struct vmig_err *err)
 {
 	const uint8_t *b = rec->body;
-	int ret = expect_type(rec, VMIG_REC_CHANNEL, err);
+	int ret = typed_body(rec, VMIG_REC_CHANNEL, err);
 
-	if (ret < 0)
-		return ret;
-	ret = body_check(rec, NULL, err);
 	if (ret < 0)
 		return ret;
 	*session = get_le64(b);
@@ -1773,11 +1775,8 @@ int vmig_stream_parse_extents(const struct vmig_record *rec,
 {
 	const uint8_t *b = rec->body;
 	uint32_t count;
-	int ret = expect_type(rec, VMIG_REC_EXTENTS, err);
+	int ret = typed_body(rec, VMIG_REC_EXTENTS, err);
 
-	if (ret < 0)
-		return ret;
-	ret = body_check(rec, NULL, err);
 	if (ret < 0)
 		return ret;
 	count = get_le32(b);

@@ -798,38 +798,48 @@ START_TEST(test_pages_socketpair)
 }
 END_TEST
 
-START_TEST(test_pages_file_nocompress)
+/*
+ * @npages pages of make_source(@seed) through a file written with @mode
+ * and read back (write_pages/read_pages compare every page); the writer's
+ * and the reader's counts in @ws, @rs.
+ */
+static void file_round_trip(size_t npages, uint64_t seed, enum vmig_compress mode,
+			    struct vmig_stream_stats *ws, struct vmig_stream_stats *rs)
 {
 	struct guest src, dst;
 	uint64_t z = 0, rw = 0, l = 0;
 	struct vmig_transport *t;
 	struct vmig_err err = { 0 };
-	struct vmig_stream_stats ws, rs;
 	char path[] = "/tmp/vmig-test-stream.XXXXXX";
 	int fd = mkstemp(path);
 
-	direct = _i & 1;
-	live = _i >> 1;
 	ck_assert_int_ge(fd, 0);
 	close(fd);
-	guest_init(&src, 0x200000, 700);
-	guest_init(&dst, 0x200000, 700);
-	make_source(&src, 700, 21, &z, &rw, &l);
-
+	guest_init(&src, 0x200000, npages);
+	guest_init(&dst, 0x200000, npages);
+	make_source(&src, npages, seed, &z, &rw, &l);
 	ck_assert_msg(vmig_transport_open_file(path, true, &t, &err) == 0, "%s", err.msg);
-	write_pages(t, &src, 1, VMIG_COMPRESS_NONE, &ws);
+	write_pages(t, &src, 1, mode, ws);
 	vmig_transport_close(t);
-	ck_assert_uint_eq(ws.pages_lz4, 0);
-	ck_assert_uint_eq(ws.pages_zero + ws.pages_raw, 700);
-
 	ck_assert_int_eq(vmig_transport_open_file(path, false, &t, &err), 0);
-	read_pages(t, &src, &dst, 1, &rs);
+	read_pages(t, &src, &dst, 1, rs);
 	vmig_transport_close(t);
-	ck_assert_uint_eq(rs.pages_raw, ws.pages_raw);
-	ck_assert_uint_eq(rs.pages_zero, ws.pages_zero);
 	unlink(path);
 	guest_fini(&src);
 	guest_fini(&dst);
+}
+
+START_TEST(test_pages_file_nocompress)
+{
+	struct vmig_stream_stats ws, rs;
+
+	direct = _i & 1;
+	live = _i >> 1;
+	file_round_trip(700, 21, VMIG_COMPRESS_NONE, &ws, &rs);
+	ck_assert_uint_eq(ws.pages_lz4, 0);
+	ck_assert_uint_eq(ws.pages_zero + ws.pages_raw, 700);
+	ck_assert_uint_eq(rs.pages_raw, ws.pages_raw);
+	ck_assert_uint_eq(rs.pages_zero, ws.pages_zero);
 }
 END_TEST
 
@@ -839,35 +849,14 @@ static int decode_records(const uint8_t *recs, size_t rlen, bool no_end,
 /* --compress auto: every page arrives intact whichever way each batch went. */
 START_TEST(test_pages_file_auto)
 {
-	struct guest src, dst;
-	uint64_t z = 0, rw = 0, l = 0;
-	struct vmig_transport *t;
-	struct vmig_err err = { 0 };
 	struct vmig_stream_stats ws, rs;
-	char path[] = "/tmp/vmig-test-stream.XXXXXX";
-	int fd = mkstemp(path);
 
 	direct = _i & 1;
 	live = _i >> 1;
-	ck_assert_int_ge(fd, 0);
-	close(fd);
-	guest_init(&src, 0x200000, 5000);
-	guest_init(&dst, 0x200000, 5000);
-	make_source(&src, 5000, 33, &z, &rw, &l);
-
-	ck_assert_msg(vmig_transport_open_file(path, true, &t, &err) == 0, "%s", err.msg);
-	write_pages(t, &src, 1, VMIG_COMPRESS_AUTO, &ws);
-	vmig_transport_close(t);
+	file_round_trip(5000, 33, VMIG_COMPRESS_AUTO, &ws, &rs);
 	ck_assert_uint_eq(ws.pages_zero + ws.pages_raw + ws.pages_lz4, 5000);
-
-	ck_assert_int_eq(vmig_transport_open_file(path, false, &t, &err), 0);
-	read_pages(t, &src, &dst, 1, &rs);
-	vmig_transport_close(t);
 	ck_assert_uint_eq(rs.pages_raw, ws.pages_raw);
 	ck_assert_uint_eq(rs.pages_lz4, ws.pages_lz4);
-	unlink(path);
-	guest_fini(&src);
-	guest_fini(&dst);
 }
 END_TEST
 

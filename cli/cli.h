@@ -4,6 +4,9 @@
 
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdint.h>
+
+#include "vmig/util.h"
 
 struct vmig_vm;
 struct json_object;
@@ -93,5 +96,16 @@ int cli_control_serve(struct vmig_vm *vm, int listen_fd, int signal_fd);
 
 /* The status object the control socket returns for @vm. */
 struct json_object *cli_vm_status_json(struct vmig_vm *vm);
+
+/* Short names for the JSON lookups used all over (util/ctl.c). */
+static inline const char *jstr(struct json_object *o, const char *key, const char *dflt)
+{
+	return vmig_json_str(o, key, dflt);
+}
+
+static inline uint64_t ju64(struct json_object *o, const char *key)
+{
+	return vmig_json_u64(o, key);
+}
 
 #endif

@@ -21,20 +21,6 @@
 #include "vmig/util.h"
 #include "cli.h"
 
-static const char *jstr(struct json_object *o, const char *key, const char *dflt)
-{
-	struct json_object *v;
-
-	return json_object_object_get_ex(o, key, &v) ? json_object_get_string(v) : dflt;
-}
-
-static uint64_t ju64(struct json_object *o, const char *key)
-{
-	struct json_object *v;
-
-	return json_object_object_get_ex(o, key, &v) ? json_object_get_uint64(v) : 0;
-}
-
 /* Parse "[--json] NAME" or "[--json]" (name_needed false). */
 static int parse_simple(const char *cmd, int argc, char **argv, bool json_ok,
 			bool name_needed, bool *json, const char **name, const char *usage)

@@ -158,20 +158,6 @@ static void iso_time(int64_t ms, char *buf, size_t len)
 	snprintf(buf, len, "%s.%03dZ", base, (int)(ms % 1000));
 }
 
-static const char *jstr(struct json_object *o, const char *key, const char *dflt)
-{
-	struct json_object *v;
-
-	return o && json_object_object_get_ex(o, key, &v) ? json_object_get_string(v) : dflt;
-}
-
-static uint64_t ju64(struct json_object *o, const char *key)
-{
-	struct json_object *v;
-
-	return o && json_object_object_get_ex(o, key, &v) ? json_object_get_uint64(v) : 0;
-}
-
 /* ------------------------------------------------------------------------
  * Options
  */

@@ -35,20 +35,6 @@ static void on_signal(int sig)
 	interrupted = 1;
 }
 
-static uint64_t ju64(struct json_object *o, const char *key)
-{
-	struct json_object *v;
-
-	return json_object_object_get_ex(o, key, &v) ? json_object_get_uint64(v) : 0;
-}
-
-static const char *jstr(struct json_object *o, const char *key, const char *dflt)
-{
-	struct json_object *v;
-
-	return json_object_object_get_ex(o, key, &v) ? json_object_get_string(v) : dflt;
-}
-
 static void fmt_rate(uint64_t bps, char *buf, size_t len)
 {
 	char s[24];

@@ -36,20 +36,6 @@
 /* The longest host-info answer taken. */
 #define HOST_INFO_MAX (1u << 20)
 
-static const char *jstr(struct json_object *o, const char *key, const char *dflt)
-{
-	struct json_object *v;
-
-	return o && json_object_object_get_ex(o, key, &v) ? json_object_get_string(v) : dflt;
-}
-
-static uint64_t ju64(struct json_object *o, const char *key)
-{
-	struct json_object *v;
-
-	return o && json_object_object_get_ex(o, key, &v) ? json_object_get_uint64(v) : 0;
-}
-
 static bool jbool(struct json_object *o, const char *key)
 {
 	struct json_object *v;

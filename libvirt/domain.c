@@ -137,20 +137,6 @@ static int bad_args(struct lv_call *c)
  * The VMs
  */
 
-static const char *jstr(struct json_object *o, const char *key, const char *dflt)
-{
-	struct json_object *v;
-
-	return json_object_object_get_ex(o, key, &v) ? json_object_get_string(v) : dflt;
-}
-
-static uint64_t ju64(struct json_object *o, const char *key)
-{
-	struct json_object *v;
-
-	return json_object_object_get_ex(o, key, &v) ? json_object_get_uint64(v) : 0;
-}
-
 static int vm_sock(struct lv_server *s, const char *name, char *buf, size_t len)
 {
 	if (vmig_vm_name_valid(name) < 0)

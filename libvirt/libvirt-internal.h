@@ -17,6 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "vmig/util.h"
+
 #include "lv-serve.h"
 
 #include <rpc/types.h>
@@ -175,5 +177,16 @@ struct lv_server {
 /* The settings slot of VM @name, created if needed; caller holds srv->lock.
  * NULL if the table is full. */
 struct lv_vm_setting *vmig__lv_setting_locked(struct lv_server *s, const char *name);
+
+/* Short names for the JSON lookups used all over (util/ctl.c). */
+static inline const char *jstr(struct json_object *o, const char *key, const char *dflt)
+{
+	return vmig_json_str(o, key, dflt);
+}
+
+static inline uint64_t ju64(struct json_object *o, const char *key)
+{
+	return vmig_json_u64(o, key);
+}
 
 #endif

@@ -485,3 +485,17 @@ out_put:
 	json_object_put(req);
 	return err;
 }
+
+const char *vmig_json_str(struct json_object *o, const char *key, const char *dflt)
+{
+	struct json_object *v;
+
+	return o && json_object_object_get_ex(o, key, &v) ? json_object_get_string(v) : dflt;
+}
+
+uint64_t vmig_json_u64(struct json_object *o, const char *key)
+{
+	struct json_object *v;
+
+	return o && json_object_object_get_ex(o, key, &v) ? json_object_get_uint64(v) : 0;
+}

@@ -209,6 +209,10 @@ int vmig_ctl_reply_status(struct json_object *reply, const char **msg);
 int vmig_ctl_call(const char *path, struct json_object *req,
 		  struct json_object **reply);
 
+/* Member @key of object @o (NULL-safe) as a string (@dflt if absent) / a u64 (0). */
+const char *vmig_json_str(struct json_object *o, const char *key, const char *dflt);
+uint64_t vmig_json_u64(struct json_object *o, const char *key);
+
 /* ------------------------------------------------------------------------
  * Run directory and VM names (rundir.c)
  */
